@@ -1,0 +1,116 @@
+"""Stage 6: write new prompts across the five skills (SuTI v2: an LLM writes them).
+
+Prompts too similar to any exemplar caption are rejected and counted, so the
+apprentice learns to follow the prompt instead of copying an exemplar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import apache_beam as beam
+import numpy as np
+
+from data_pipeline import interfaces
+from data_pipeline.consolidate import content_words
+from data_pipeline.interfaces import Cluster, PromptSpec, PromptWriter, RenderTask
+from suti_jax.data import synthetic
+
+
+class GrammarPromptWriter(PromptWriter):
+  """The default: the synthetic world's grammar, naming the subject by its description."""
+
+  def write(self, description: str, skill: str, rng: np.random.Generator) -> str:
+    scene = synthetic.random_scene(skill, rng)
+    return synthetic.write_prompt(None, scene, rng, subject_ref=description)
+
+
+def caption_similarity(prompt: str, caption: str) -> float:
+  """Jaccard similarity of the content-word sets of two texts, in [0, 1]."""
+  a, b = set(content_words(prompt)), set(content_words(caption))
+  return len(a & b) / len(a | b) if a | b else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """Flags of the prompt stage.
+
+  Attributes:
+    prompts_per_cluster: prompts written per cluster, cycling through the skills.
+    max_caption_similarity: a prompt whose similarity to any exemplar caption is
+      at least this is rejected ('drop/prompt_too_similar').
+    attempts_per_prompt: tries per prompt before giving that prompt up.
+    seed: global seed; each cluster's generator is seeded from (seed, key).
+  """
+
+  prompts_per_cluster: int = 5
+  max_caption_similarity: float = 0.6
+  attempts_per_prompt: int = 4
+  seed: int = 0
+
+
+def write_prompts(cluster: Cluster, writer: PromptWriter, cfg: PromptConfig
+                  ) -> tuple[list[PromptSpec], int]:
+  """Writes one cluster's prompts.
+
+  Args:
+    cluster: a consolidated cluster.
+    writer: the prompt writer.
+    cfg: counts, similarity bound and seed.
+
+  Returns:
+    (prompts, number rejected as too similar to an exemplar caption).
+  """
+  rng = np.random.default_rng(interfaces.stable_seed(cfg.seed, "prompts", cluster.key))
+  captions = [m.caption for m in cluster.members]
+  prompts, rejected = [], 0
+  for j in range(cfg.prompts_per_cluster):
+    skill = synthetic.SKILLS[j % len(synthetic.SKILLS)]
+    for _ in range(cfg.attempts_per_prompt):
+      prompt = writer.write(cluster.description, skill, rng)
+      if max(caption_similarity(prompt, c) for c in captions) >= cfg.max_caption_similarity:
+        rejected += 1
+        continue
+      if all(p.prompt != prompt for p in prompts):
+        prompts.append(PromptSpec(skill, prompt))
+        break
+  return prompts, rejected
+
+
+class _WriteFn(beam.DoFn):
+
+  def __init__(self, writer: PromptWriter, cfg: PromptConfig):
+    self._writer = writer
+    self._cfg = cfg
+
+  def setup(self):
+    self._writer.setup()
+
+  def process(self, cluster: Cluster):
+    prompts, rejected = write_prompts(cluster, self._writer, self._cfg)
+    if rejected:
+      interfaces.count("drop/prompt_too_similar", rejected)
+    if not prompts:
+      interfaces.count("drop/no_prompts")
+      return
+    interfaces.count("prompt_writer/prompts", len(prompts))
+    yield RenderTask(cluster, tuple(prompts))
+
+
+class WritePrompts(beam.PTransform):
+  """PCollection[Cluster] -> PCollection[RenderTask]."""
+
+  def __init__(self, writer: PromptWriter = GrammarPromptWriter(),
+               cfg: PromptConfig = PromptConfig()):
+    super().__init__()
+    self._writer = writer
+    self._cfg = cfg
+
+  def expand(self, clusters):
+    return clusters | "Write" >> beam.ParDo(_WriteFn(self._writer, self._cfg))
+
+
+def same_cluster_tasks(clusters) -> Sequence[RenderTask]:
+  """SuTI v1 mode needs no new prompts: each cluster becomes a prompt-less task."""
+  return clusters | "NoPrompts" >> beam.Map(lambda c: RenderTask(c, ()))

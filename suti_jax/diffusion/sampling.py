@@ -1,0 +1,142 @@
+"""Ancestral (DDPM) and DDIM samplers over a uniform t grid from 1 to 0.
+
+One `jax.lax.fori_loop`, so `sample` jits as a whole; guidance and x0
+thresholding happen at every step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from suti_jax.config import SamplingConfig
+from suti_jax.diffusion import guidance as guidance_lib
+from suti_jax.diffusion import objectives
+from suti_jax.diffusion import thresholding
+from suti_jax.diffusion.schedule import Schedule, alpha_sigma
+
+# (x_t, x0, eps, log_snr_t, log_snr_s, key, eta) -> x_s, all images
+# [B, H, W, C], log-SNRs [B, 1, 1, 1].
+StepFn = Callable[..., jax.Array]
+
+
+def _posterior_ratio(log_snr_t: jax.Array, log_snr_s: jax.Array) -> jax.Array:
+  """1 - SNR_t / SNR_s = sigma_{t|s}^2 / sigma_t^2 for s < t (Kingma et al.
+  2021, appendix A), via expm1 so it is accurate when the steps are small."""
+  return -jnp.expm1(log_snr_t - log_snr_s)
+
+
+def ddpm_step(x_t: jax.Array, x0: jax.Array, eps: jax.Array,
+              log_snr_t: jax.Array, log_snr_s: jax.Array, key: jax.Array,
+              eta: float) -> jax.Array:
+  """Draws x_s ~ q(x_s | x_t, x0) with x0 the model's estimate (Ho et al. 2020).
+
+  Mean alpha_t sigma_s^2 / (alpha_s sigma_t^2) x_t + alpha_s c x0 and variance
+  sigma_s^2 c with c = 1 - SNR_t / SNR_s. `eps` and `eta` are unused (the
+  posterior needs only x0); they keep the StepFn signature.
+
+  Returns:
+    x_s [B, H, W, C].
+  """
+  del eps, eta
+  alpha_t, sigma_t = alpha_sigma(log_snr_t)
+  alpha_s, sigma_s = alpha_sigma(log_snr_s)
+  c = _posterior_ratio(log_snr_t, log_snr_s)
+  mean = (alpha_t * jnp.square(sigma_s) / (alpha_s * jnp.square(sigma_t)) * x_t
+          + alpha_s * c * x0)
+  noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+  return mean + sigma_s * jnp.sqrt(c) * noise
+
+
+def ddim_step(x_t: jax.Array, x0: jax.Array, eps: jax.Array,
+              log_snr_t: jax.Array, log_snr_s: jax.Array, key: jax.Array,
+              eta: float) -> jax.Array:
+  """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + dir * eps + noise.
+
+  The noise std is eta times the ancestral posterior std, so eta = 0 is the
+  deterministic sampler and eta = 1 matches DDPM's marginals.
+
+  Returns:
+    x_s [B, H, W, C].
+  """
+  del x_t
+  alpha_s, sigma_s = alpha_sigma(log_snr_s)
+  x_s = alpha_s * x0
+  if eta == 0.0:
+    return x_s + sigma_s * eps
+  noise_std = eta * sigma_s * jnp.sqrt(_posterior_ratio(log_snr_t, log_snr_s))
+  direction = jnp.sqrt(jnp.maximum(jnp.square(sigma_s) - jnp.square(noise_std),
+                                   0.0))
+  noise = jax.random.normal(key, x0.shape, x0.dtype)
+  return x_s + direction * eps + noise_std * noise
+
+
+SAMPLERS: dict[str, StepFn] = {"ddpm": ddpm_step, "ddim": ddim_step}
+
+
+def check_sampling(cfg: SamplingConfig, has_exemplars: bool) -> None:
+  """Raises ValueError for unknown names or bad values in `cfg`."""
+  if cfg.sampler not in SAMPLERS:
+    raise ValueError(
+        f"unknown sampler {cfg.sampler!r}; known: {sorted(SAMPLERS)}")
+  if cfg.num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}")
+  if cfg.eta < 0.0:
+    raise ValueError(f"eta must be >= 0, got {cfg.eta}")
+  thresholding.check_threshold(cfg.threshold)
+  guidance_lib.check_guidance(cfg.guidance, has_exemplars)
+
+
+def sample(predict_fn: guidance_lib.Predictor, shape: tuple[int, ...],
+           key: jax.Array, schedule: Schedule, cfg: SamplingConfig,
+           prediction: str, *, has_exemplars: bool = False,
+           x_T: jax.Array | None = None) -> jax.Array:  # pylint: disable=invalid-name
+  """Generates images by integrating from t = 1 to t = 0 in `cfg.num_steps`.
+
+  Each step: guided model output at t -> (x0, eps); x0 is thresholded and eps
+  recomputed from it (Imagen sec. 2.3), then the sampler moves to the next
+  grid time s. The last step returns the thresholded x0 itself.
+
+  Args:
+    predict_fn: the model with conditioning bound, per the guidance contract
+      (a PredictFn, or a BatchedPredictFn to run all conditions in one call).
+    shape: [B, H, W, C] of the output.
+    key: PRNG key for x_T and the sampler noise.
+    schedule: the stage's log-SNR schedule.
+    cfg: sampler, step count, eta, guidance and thresholding.
+    prediction: the model's output type, 'eps' or 'v'.
+    has_exemplars: whether the model is conditioned on exemplars.
+    x_T: optional initial noise [B, H, W, C]; drawn from `key` if None.
+
+  Returns:
+    Samples [B, H, W, C] in [-1, 1].
+  """
+  check_sampling(cfg, has_exemplars)
+  objectives.check_prediction(prediction)
+  step_fn = SAMPLERS[cfg.sampler]
+  init_key, loop_key = jax.random.split(key)
+  if x_T is None:
+    x_T = jax.random.normal(init_key, shape, jnp.float32)  # pylint: disable=invalid-name
+  batch_size = shape[0]
+  num_steps = cfg.num_steps
+  t_grid = jnp.linspace(1.0, 0.0, num_steps + 1)
+  expand = (slice(None),) + (None,) * (len(shape) - 1)
+
+  def body(step: jax.Array, x_t: jax.Array) -> jax.Array:
+    log_snr_t = schedule(jnp.full((batch_size,), t_grid[step]))
+    log_snr_s = schedule(jnp.full((batch_size,), t_grid[step + 1]))
+    pred = guidance_lib.guided_prediction(
+        predict_fn, x_t, log_snr_t, step, cfg, has_exemplars=has_exemplars)
+    x0, _ = objectives.to_x0_eps(pred.astype(jnp.float32), x_t, log_snr_t,
+                                 prediction)
+    x0 = thresholding.apply_threshold(x0, cfg.threshold,
+                                      cfg.threshold_percentile)
+    eps = objectives.eps_from_x0(x_t, x0, log_snr_t)
+    x_s = step_fn(x_t, x0, eps, log_snr_t[expand], log_snr_s[expand],
+                  jax.random.fold_in(loop_key, step), cfg.eta)
+    return jnp.where(step == num_steps - 1, x0, x_s)
+
+  x0 = jax.lax.fori_loop(0, num_steps, body, jnp.asarray(x_T, jnp.float32))
+  return jnp.clip(x0, -1.0, 1.0)

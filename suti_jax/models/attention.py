@@ -1,0 +1,158 @@
+"""Masked multi-head attention for the UNet: self/text attention over image
+tokens (text concatenated to the keys/values or as cross-attention) and the
+attention pooling that turns text tokens into one vector."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax.typing import DTypeLike
+
+from suti_jax.models import layers
+from suti_jax.parallel import axes
+
+Array = jax.Array
+
+
+def masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Scaled dot-product attention where masked keys get exactly zero weight.
+
+  Logits and softmax run in float32 whatever the compute dtype. A fully
+  masked row gives uniform weights (finite), never NaN; callers that need an
+  exact zero for that case gate the result.
+
+  Args:
+    q: [B, Q, N, D] queries (N heads of size D).
+    k: [B, M, N, D] keys.
+    v: [B, M, N, D] values.
+    mask: [B, M] bool, False = ignore that key/value.
+
+  Returns:
+    [B, Q, N, D].
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqnd,bmnd->bnqm", q, k,
+                      preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnqm,bmnd->bqnd", weights, v)
+
+
+def head_projection(num_heads: int, head_dim: int, *, dtype: DTypeLike,
+                    param_dtype: DTypeLike, name: str) -> nn.DenseGeneral:
+  """[..., D] -> [..., heads, head_dim] with kernel axes (EMBED, HEADS, KV)."""
+  return nn.DenseGeneral(
+      (num_heads, head_dim), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=layers.boxed(nn.initializers.lecun_normal(),
+                               (axes.EMBED, axes.HEADS, axes.KV)), name=name)
+
+
+def output_projection(features: int, *, zero_init: bool, dtype: DTypeLike,
+                      param_dtype: DTypeLike, name: str) -> nn.DenseGeneral:
+  """[..., heads, head_dim] -> [..., features], kernel axes (HEADS, KV, EMBED)."""
+  kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return nn.DenseGeneral(
+      features, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
+      kernel_init=layers.boxed(kernel_init, (axes.HEADS, axes.KV, axes.EMBED)),
+      bias_init=layers.boxed(nn.initializers.zeros, (axes.EMBED,)), name=name)
+
+
+class AttentionBlock(nn.Module):
+  """Image tokens attend to [their own tokens] + [context tokens] + [a null kv].
+
+  Returns the residual update (the caller adds it), so exemplar attention can
+  gate it. The learned null key/value is always visible: a context whose mask
+  is all False (classifier-free guidance's null text) still gives a finite,
+  input-independent result.
+  """
+
+  num_heads: int
+  self_attend: bool = True
+  null_kv: bool = False
+  zero_init_out: bool = False
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None,
+               context_mask: Array | None = None) -> Array:
+    """Computes the attention update.
+
+    Args:
+      x: [B, H, W, C] image features (queries).
+      context: [B, M, D] extra key/value tokens, or None.
+      context_mask: [B, M] bool for `context`.
+
+    Returns:
+      [B, H, W, C] update (zero at init when `zero_init_out`).
+    """
+    b, height, width, c = x.shape
+    head_dim = c // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: head_projection(self.num_heads, head_dim, name=name, **kw)
+    tokens = layers.group_norm(c, name="norm", **kw)(x)
+    tokens = rearrange(tokens, "b h w c -> b (h w) c")
+    q = proj("query")(tokens)
+    keys, values, masks = [], [], []
+    if self.self_attend:
+      keys.append(proj("key")(tokens))
+      values.append(proj("value")(tokens))
+      masks.append(jnp.ones((b, tokens.shape[1]), bool))
+    if context is not None:
+      context = context.astype(self.dtype)
+      keys.append(proj("context_key")(context))
+      values.append(proj("context_value")(context))
+      masks.append(context_mask.astype(bool))
+    if self.null_kv:
+      for name, store in (("null_key", keys), ("null_value", values)):
+        null = self.param(name, layers.boxed(nn.initializers.normal(1.0),
+                                             (axes.HEADS, axes.KV)),
+                          (self.num_heads, head_dim), self.param_dtype)
+        store.append(jnp.broadcast_to(null.astype(self.dtype),
+                                      (b, 1, self.num_heads, head_dim)))
+      masks.append(jnp.ones((b, 1), bool))
+    out = masked_attention(q, jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
+                           jnp.concatenate(masks, 1))
+    out = output_projection(c, zero_init=self.zero_init_out, name="out", **kw)(out)
+    return layers.constrain_image(
+        rearrange(out, "b (h w) c -> b h w c", h=height, w=width))
+
+
+class AttentionPool(nn.Module):
+  """A learned query attends over text tokens (+ null kv) -> one vector."""
+
+  features: int
+  num_heads: int
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Array) -> Array:
+    """Pools text.
+
+    Args:
+      tokens: [B, L, D] (LayerNormed) text embeddings.
+      mask: [B, L] bool; all False gives the learned null vector.
+
+    Returns:
+      [B, features].
+    """
+    b, _, d = tokens.shape
+    head_dim = d // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init = layers.boxed(nn.initializers.normal(1.0), (axes.HEADS, axes.KV))
+    shape = (self.num_heads, head_dim)
+    query = self.param("query", init, shape, self.param_dtype)
+    null_key = self.param("null_key", init, shape, self.param_dtype)
+    null_value = self.param("null_value", init, shape, self.param_dtype)
+    tokens = tokens.astype(self.dtype)
+    expand = lambda p: jnp.broadcast_to(p.astype(self.dtype), (b, 1) + shape)
+    k = jnp.concatenate([expand(null_key), head_projection(
+        self.num_heads, head_dim, name="key", **kw)(tokens)], axis=1)
+    v = jnp.concatenate([expand(null_value), head_projection(
+        self.num_heads, head_dim, name="value", **kw)(tokens)], axis=1)
+    full_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
+    pooled = masked_attention(expand(query), k, v, full_mask)[:, 0]
+    return output_projection(self.features, zero_init=False, name="out", **kw)(pooled)

@@ -1,0 +1,321 @@
+"""Public HF T5 encoder checkpoints -> `T5Encoder` params, and their msgpack files.
+
+Reads safetensors and torch zip checkpoints (single or sharded) without torch,
+checking every key and shape; errors name the offending key.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any, Callable, Mapping
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import serialization
+from flax import traverse_util
+
+from suti_jax.config import TextEncoderConfig
+from suti_jax.models.text import t5
+
+# File names `save_pretrained` writes, in the order they are tried.
+CHECKPOINT_NAMES = ("model.safetensors", "model.safetensors.index.json",
+                    "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+_EMBED_KEY = "encoder.embed_tokens.weight"
+_SHARED_KEY = "shared.weight"
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+}
+_TORCH_STORAGE_DTYPES = {
+    "DoubleStorage": np.float64, "FloatStorage": np.float32,
+    "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64, "IntStorage": np.int32,
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint lacks a key, has a wrong shape or is an unsupported format."""
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Tensors of a `.safetensors` file as read-only memory-mapped arrays."""
+  with open(path, "rb") as f:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_len))
+  header.pop("__metadata__", None)
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+  tensors = {}
+  for name, info in header.items():
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype "
+                            f"{info['dtype']}")
+    start, end = info["data_offsets"]
+    tensors[name] = data[start:end].view(
+        _SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+  return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class _TorchTensor:
+  """A tensor of a torch zip checkpoint, read from the archive on demand."""
+
+  archive: zipfile.ZipFile
+  storage: str
+  dtype: Any
+  offset: int
+  shape: tuple[int, ...]
+  stride: tuple[int, ...]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    buf = np.frombuffer(self.archive.read(self.storage), self.dtype)
+    itemsize = buf.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        buf[self.offset:], self.shape, [s * itemsize for s in self.stride])
+    return np.array(view, dtype=dtype)
+
+
+def read_torch(path: str) -> dict[str, _TorchTensor]:
+  """A `torch.save`d state dict (zip format, torch >= 1.6), without torch.
+
+  Only tensors, storages and OrderedDicts are unpickled; any other object in
+  the file is refused, so loading cannot run code from the checkpoint.
+  """
+  if not zipfile.is_zipfile(path):
+    raise CheckpointError(f"{path}: not a zip-format torch checkpoint")
+  archive = zipfile.ZipFile(path)
+  pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+  prefix = pkl[:-len("data.pkl")]
+  byteorder = prefix + "byteorder"
+  if byteorder in archive.namelist() and archive.read(byteorder) != b"little":
+    raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+
+  def rebuild_tensor(storage, offset, shape, stride, *unused_args):
+    return dataclasses.replace(storage, offset=offset, shape=tuple(shape),
+                               stride=tuple(stride))
+
+  allowed = {
+      ("collections", "OrderedDict"): collections.OrderedDict,
+      ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
+      ("torch._utils", "_rebuild_parameter"): lambda data, *unused: data,
+  }
+
+  class Unpickler(pickle.Unpickler):
+
+    def find_class(self, module: str, name: str) -> Any:
+      if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+        return _TORCH_STORAGE_DTYPES[name]
+      if (module, name) not in allowed:
+        raise CheckpointError(f"{path}: refusing to unpickle {module}.{name}")
+      return allowed[(module, name)]
+
+    def persistent_load(self, pid: tuple) -> _TorchTensor:
+      _, dtype, key, _, _ = pid  # ('storage', dtype, key, location, numel)
+      return _TorchTensor(archive, f"{prefix}data/{key}", dtype, 0, (), ())
+
+  with archive.open(pkl) as f:
+    return dict(Unpickler(f).load())
+
+
+def _read_file(path: str) -> Mapping[str, Any]:
+  """Tensors of one checkpoint file or a sharded checkpoint's index."""
+  if path.endswith(".index.json"):
+    with open(path) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    folder = os.path.dirname(path)
+    return {k: v for s in shards
+            for k, v in _read_file(os.path.join(folder, s)).items()}
+  if path.endswith(".safetensors"):
+    return read_safetensors(path)
+  return read_torch(path)
+
+
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+  """HF state dict arrays (numpy or lazy, each with `.shape`) from a dir or file.
+
+  Args:
+    path: a `save_pretrained` directory, a `.safetensors` / `.bin` file, or a
+      sharded checkpoint's `*.index.json`.
+
+  Returns:
+    {HF key: array-like}; `np.asarray` reads the values.
+  """
+  if os.path.isdir(path):
+    for name in CHECKPOINT_NAMES:
+      if os.path.isfile(os.path.join(path, name)):
+        return _read_file(os.path.join(path, name))
+    raise FileNotFoundError(
+        f"no checkpoint in {path!r}; looked for {list(CHECKPOINT_NAMES)}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"T5 checkpoint not found: {path!r}")
+  return _read_file(path)
+
+
+def config_from_hf(hf_config: Mapping[str, Any],
+                   base: TextEncoderConfig | None = None) -> TextEncoderConfig:
+  """The encoder architecture of an HF `config.json`, other fields from `base`.
+
+  Args:
+    hf_config: the parsed `config.json` of a T5 v1.1 model.
+    base: supplies tokenizer, max_length, dtype, ...; default TextEncoderConfig().
+
+  Returns:
+    `base` with vocab_size, d_model, d_kv, d_ff, num_layers, num_heads and the
+    relative-attention fields replaced.
+  """
+  proj = hf_config.get("feed_forward_proj", "relu")
+  if proj != "gated-gelu":
+    raise CheckpointError(f"feed_forward_proj={proj!r}: only T5 v1.1 "
+                          "'gated-gelu' encoders are supported")
+  eps = hf_config.get("layer_norm_epsilon", t5.LAYER_NORM_EPS)
+  if not np.isclose(eps, t5.LAYER_NORM_EPS):
+    raise CheckpointError(f"layer_norm_epsilon={eps}: expected {t5.LAYER_NORM_EPS}")
+  fields = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+            "relative_attention_num_buckets", "relative_attention_max_distance")
+  return dataclasses.replace(base or TextEncoderConfig(),
+                             **{k: int(hf_config[k]) for k in fields})
+
+
+def _mapping(cfg: TextEncoderConfig) -> list[tuple[str, str, tuple[int, ...], Callable]]:
+  """(HF key, flax path, HF shape, HF -> flax transform) for every parameter."""
+  d, f, h, k = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.d_kv
+  # torch Linear weights are [out, in]; flax kernels are [in, out] with the
+  # heads split out of the attention projections.
+  transpose = functools.partial(einops.rearrange, pattern="o i -> i o")
+  qkv = functools.partial(einops.rearrange, pattern="(h k) d -> d h k", h=h)
+  out = functools.partial(einops.rearrange, pattern="d (h k) -> h k d", h=h)
+  entries = [
+      (_EMBED_KEY, "token_embedder/embedding", (cfg.vocab_size, d), np.asarray),
+      ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+       "relative_attention_bias/embedding",
+       (cfg.relative_attention_num_buckets, h), np.asarray),
+      ("encoder.final_layer_norm.weight", "final_norm/scale", (d,), np.asarray),
+  ]
+  for i in range(cfg.num_layers):
+    hf, fx = f"encoder.block.{i}.layer.", f"layers_{i}/"
+    entries += [(f"{hf}0.SelfAttention.{a}.weight", f"{fx}attention/{b}",
+                 (h * k, d), qkv)
+                for a, b in (("q", "query"), ("k", "key"), ("v", "value"))]
+    entries += [
+        (f"{hf}0.SelfAttention.o.weight", f"{fx}attention/out", (d, h * k), out),
+        (f"{hf}0.layer_norm.weight", f"{fx}attention_norm/scale", (d,), np.asarray),
+        (f"{hf}1.DenseReluDense.wi_0.weight", f"{fx}mlp/wi_0", (f, d), transpose),
+        (f"{hf}1.DenseReluDense.wi_1.weight", f"{fx}mlp/wi_1", (f, d), transpose),
+        (f"{hf}1.DenseReluDense.wo.weight", f"{fx}mlp/wo", (d, f), transpose),
+        (f"{hf}1.layer_norm.weight", f"{fx}mlp_norm/scale", (d,), np.asarray),
+    ]
+  return entries
+
+
+def hf_to_params(state: Mapping[str, Any], cfg: TextEncoderConfig,
+                 dtype: str = "") -> dict:
+  """Maps an HF T5 state dict onto the `T5Encoder(cfg)` param tree.
+
+  Decoder and lm_head keys (full T5 checkpoints) are ignored; any other
+  `encoder.*` key left over (e.g. more layers than `cfg.num_layers`) is an error.
+
+  Args:
+    state: {HF key: array-like with `.shape`}, e.g. from `read_checkpoint`.
+    cfg: the architecture to check shapes against.
+    dtype: cast every param to this dtype; '' keeps the checkpoint's.
+
+  Returns:
+    Nested dict of numpy arrays (unboxed), e.g. ["layers_0"]["mlp"]["wo"].
+  """
+  # T5EncoderModel stores the table as encoder.embed_tokens (tied to shared);
+  # full seq2seq checkpoints may carry only `shared.weight`.
+  if _EMBED_KEY not in state and _SHARED_KEY in state:
+    state = {**state, _EMBED_KEY: state[_SHARED_KEY]}
+  entries = _mapping(cfg)
+  flat = {}
+  for key, path, shape, transform in entries:
+    if key not in state:
+      raise CheckpointError(f"checkpoint lacks key {key!r} (for {path})")
+    if tuple(state[key].shape) != shape:
+      raise CheckpointError(f"key {key!r} has shape {tuple(state[key].shape)}, "
+                            f"expected {shape} for {cfg}")
+    value = transform(np.asarray(state[key]))
+    flat[tuple(path.split("/"))] = np.ascontiguousarray(
+        value.astype(jnp.dtype(dtype)) if dtype else value)
+  used = {e[0] for e in entries}
+  extra = sorted(k for k in state if k.startswith("encoder.") and k not in used)
+  if extra:
+    raise CheckpointError(f"unexpected encoder keys (config mismatch?): {extra[:8]}")
+  return traverse_util.unflatten_dict(flat)
+
+
+def load_hf_encoder(path: str, cfg: TextEncoderConfig | None = None,
+                    dtype: str = "") -> tuple[TextEncoderConfig, dict]:
+  """Loads a public T5 v1.1 encoder checkpoint.
+
+  Args:
+    path: an HF model directory or checkpoint file (see `read_checkpoint`).
+    cfg: non-architecture fields (tokenizer, max_length, dtype); also the
+      architecture when no `config.json` sits in (or beside) `path`.
+    dtype: param dtype of the result; '' keeps the checkpoint's.
+
+  Returns:
+    (the config the params fit, unboxed params).
+  """
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  config_json = os.path.join(folder, "config.json")
+  if os.path.isfile(config_json):
+    with open(config_json) as f:
+      cfg = config_from_hf(json.load(f), cfg)
+  elif cfg is None:
+    raise CheckpointError(f"no config.json in {folder!r}: pass the architecture as cfg")
+  return cfg, hf_to_params(read_checkpoint(path), cfg, dtype)
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes params (boxed or not) as one msgpack file, atomically."""
+  tree = jax.tree.map(np.asarray, nn.unbox(params))
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(serialization.msgpack_serialize(tree))
+  os.replace(tmp, path)
+
+
+def load_params(path: str, cfg: TextEncoderConfig) -> dict:
+  """Reads `save_params` output as boxed `T5Encoder(cfg)` params in `cfg.dtype`.
+
+  Args:
+    path: the msgpack file.
+    cfg: the architecture; every param path and shape is checked against it.
+
+  Returns:
+    Params boxed with logical axis names, like `t5.init_t5_params`.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"text encoder weights not found: {path!r} "
+                            "(make them with launch/convert_t5.py)")
+  with open(path, "rb") as f:
+    loaded = traverse_util.flatten_dict(serialization.msgpack_restore(f.read()),
+                                        sep="/")
+  abstract = jax.eval_shape(functools.partial(t5.init_t5_params, cfg),
+                            jax.random.key(0))
+  # Partitioned boxes are not Mappings, so they come out as leaves.
+  boxes = traverse_util.flatten_dict(abstract, sep="/")
+  missing = sorted(set(boxes) - set(loaded))
+  extra = sorted(set(loaded) - set(boxes))
+  if missing or extra:
+    raise CheckpointError(f"{path}: params do not match {cfg}: missing "
+                          f"{missing[:8]}, unexpected {extra[:8]}")
+  flat = {}
+  for key, box in boxes.items():
+    if loaded[key].shape != box.value.shape:
+      raise CheckpointError(f"{path}: param {key!r} has shape "
+                            f"{loaded[key].shape}, expected {box.value.shape}")
+    flat[key] = box.replace_boxed(jnp.asarray(loaded[key], box.value.dtype))
+  return traverse_util.unflatten_dict(flat, sep="/")
