@@ -15,7 +15,7 @@ setuptools.setup(
         "orbax-export>=0.0.8", "ml_collections>=1.1.0", "einops>=0.8.2", "chex>=0.1.92",
         "tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10", "tensorboard>=2.21.0",
         "apache-beam[tfrecord]>=2.77.0", "clu>=0.0.12", "gin-config>=0.5.0",
-        "numpy>=2.4", "pillow>=12.3.0", "sentencepiece>=0.2.2", "tqdm",
+        "numpy>=2.4", "safetensors>=0.8.0", "pillow>=12.3.0", "sentencepiece>=0.2.2", "tqdm",
     ],
     extras_require={"test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0"]},
 )

@@ -29,14 +29,14 @@ def content_words(text: str) -> list[str]:
 
 
 class FrequentWordsDescriber(SubjectDescriber):
-  """Keeps the content words in at least `min_fraction` of the captions.
+  """Keeps the content words in at least `min_fraction` of the captions (and two).
 
   Words are ordered by their median position in the captions; the last is taken
   as the head noun and the others as its modifiers: 'red and blue toy'. Noisy
   captions ('click to enlarge') and scene words ('beach') fall below the fraction.
   """
 
-  def __init__(self, min_fraction: float = 0.6, max_words: int = 4):
+  def __init__(self, min_fraction: float = 0.5, max_words: int = 4):
     self.min_fraction = min_fraction
     self.max_words = max_words
 
@@ -49,7 +49,8 @@ class FrequentWordsDescriber(SubjectDescriber):
     for words in docs:
       for i, w in enumerate(words):
         positions[w].append(i / max(len(words), 1))
-    kept = [w for w, n in df.items() if n >= self.min_fraction * len(captions)]
+    # One caption is no consensus: a word needs at least two.
+    kept = [w for w, n in df.items() if n >= max(2, self.min_fraction * len(captions))]
     # Most frequent first when there are too many, then back into caption order.
     kept = sorted(kept, key=lambda w: (-df[w], w))[:self.max_words]
     kept.sort(key=lambda w: (sorted(positions[w])[len(positions[w]) // 2], w))

@@ -7,8 +7,6 @@ apprentice learns to follow the prompt instead of copying an exemplar.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
 import apache_beam as beam
 import numpy as np
 
@@ -26,9 +24,15 @@ class GrammarPromptWriter(PromptWriter):
     return synthetic.write_prompt(None, scene, rng, subject_ref=description)
 
 
-def caption_similarity(prompt: str, caption: str) -> float:
-  """Jaccard similarity of the content-word sets of two texts, in [0, 1]."""
-  a, b = set(content_words(prompt)), set(content_words(caption))
+def caption_similarity(prompt: str, caption: str, description: str = "") -> float:
+  """Jaccard similarity of the content words of two texts, in [0, 1].
+
+  The description's words are left out: prompt and caption share them by
+  construction, and what must differ is what the prompt asks for.
+  """
+  subject = set(content_words(description))
+  a = set(content_words(prompt)) - subject
+  b = set(content_words(caption)) - subject
   return len(a & b) / len(a | b) if a | b else 1.0
 
 
@@ -69,7 +73,8 @@ def write_prompts(cluster: Cluster, writer: PromptWriter, cfg: PromptConfig
     skill = synthetic.SKILLS[j % len(synthetic.SKILLS)]
     for _ in range(cfg.attempts_per_prompt):
       prompt = writer.write(cluster.description, skill, rng)
-      if max(caption_similarity(prompt, c) for c in captions) >= cfg.max_caption_similarity:
+      similarity = max(caption_similarity(prompt, c, cluster.description) for c in captions)
+      if similarity >= cfg.max_caption_similarity:
         rejected += 1
         continue
       if all(p.prompt != prompt for p in prompts):
@@ -111,6 +116,6 @@ class WritePrompts(beam.PTransform):
     return clusters | "Write" >> beam.ParDo(_WriteFn(self._writer, self._cfg))
 
 
-def same_cluster_tasks(clusters) -> Sequence[RenderTask]:
-  """SuTI v1 mode needs no new prompts: each cluster becomes a prompt-less task."""
+def same_cluster_tasks(clusters: beam.PCollection) -> beam.PCollection:
+  """SuTI v1 mode writes no prompts: each Cluster becomes a prompt-less RenderTask."""
   return clusters | "NoPrompts" >> beam.Map(lambda c: RenderTask(c, ()))

@@ -110,12 +110,12 @@ class ReadWebPairs(beam.PTransform):
       paths = sorted(m.path for m in matched)
       if not paths:
         raise FileNotFoundError(f"no input files match {self._pattern}")
-      raw = (pbegin | "Files" >> beam.Create(paths)
-             | "Lines" >> beam.FlatMap(_jsonl_lines) | "Parse" >> beam.ParDo(_ParseJsonl()))
+      raw = pbegin | "Files" >> beam.Create(paths) | "Lines" >> beam.FlatMap(_jsonl_lines)
+      parse = beam.ParDo(_ParseJsonl())
     else:
-      raw = (pbegin | "TFRecords" >> beam.io.ReadFromTFRecord(self._pattern)
-             | "Parse" >> beam.ParDo(_ParseCaptionExample()))
-    return raw.with_outputs(interfaces.DEAD_LETTER, main="records")
+      raw = pbegin | "TFRecords" >> beam.io.ReadFromTFRecord(self._pattern)
+      parse = beam.ParDo(_ParseCaptionExample())
+    return raw | "Parse" >> parse.with_outputs(interfaces.DEAD_LETTER, main="records")
 
 
 def write_jsonl_input(pairs: Sequence[WebPair], folder: str) -> str:

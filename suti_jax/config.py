@@ -115,7 +115,8 @@ class DiffusionConfig:
   """Schedule, objective and training-time conditioning of one stage.
 
   Attributes:
-    schedule: 'cosine' or 'linear' continuous log-SNR schedule.
+    schedule: 'cosine', 'linear' (log-SNR linear in t) or 'linear_beta'
+      (Imagen's continuous linear-beta) log-SNR schedule.
     prediction: 'eps' or 'v'.
     loss_weighting: 'none' or 'min_snr'.
     text_drop_prob / exemplar_drop_prob / both_drop_prob: condition dropout

@@ -2,6 +2,10 @@
 
 import collections
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +15,7 @@ from suti_jax.eval import clip
 from suti_jax.eval import clip_tokenizer
 from suti_jax.eval import convert
 from suti_jax.eval import dino
+from suti_jax.eval import metrics
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -108,7 +113,8 @@ def test_dino_parity(tmp_path):
   pixels = np.random.RandomState(0).randn(3, 32, 32, 3).astype(np.float32)
   ours = dino.DinoViT(config).apply({"params": params}, pixels)
   with torch.no_grad():
-    want = model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state[:, 0]
+    want = model(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+  want = want.last_hidden_state[:, 0]
   np.testing.assert_allclose(np.asarray(ours), want.numpy(), atol=1e-4, rtol=0)
   # Round trip through the converted msgpack + JSON format.
   convert.save(tmp_path / "out" / "dino.msgpack", "dino", config, params)
@@ -132,11 +138,11 @@ def test_dino_converter_errors_name_the_key(tmp_path):
     convert.convert({**state, "extra.weight": np.zeros(3)}, mapping, target["params"])
 
 
-def _tiny_clip(tmp_path, eos_token_id):
+def _tiny_clip(tmp_path, eos_token_id, vocab_size=100, bos_token_id=98, max_positions=16):
   torch.manual_seed(0)
-  text = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-              intermediate_size=64, max_position_embeddings=16, bos_token_id=98,
-              eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+  text = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              intermediate_size=64, max_position_embeddings=max_positions,
+              bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
   vision = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
                 image_size=32, patch_size=8)
   config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
@@ -184,3 +190,41 @@ def test_dino_preprocess_resizes_and_crops():
   assert out.shape == (1, 224, 224, 3)
   np.testing.assert_allclose(out[0, 0, 0], (1 - np.array(dino.IMAGENET_MEAN)) / dino.IMAGENET_STD,
                              rtol=1e-6)
+
+
+def test_converted_embedders_match_hf_end_to_end(tmp_path):
+  """convert_weights CLI -> msgpack, HF folder -> `Embedders.load`, real tokenizer files."""
+  vit = _tiny_vit(tmp_path / "dino")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.convert_weights", "--model=dino",
+       f"--input={tmp_path / 'dino'}", f"--output={tmp_path / 'dino.msgpack'}"],
+      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  vocab, merges = _vocab_and_merges()
+  clip_dir = tmp_path / "clip"
+  model = _tiny_clip(clip_dir, vocab[clip_tokenizer.EOS], len(vocab), vocab[clip_tokenizer.BOS], 77)
+  (clip_dir / "vocab.json").write_text(json.dumps(vocab))
+  (clip_dir / "merges.txt").write_text("".join(f"{a} {b}\n" for a, b in merges))
+  embedders = metrics.Embedders.load(str(tmp_path / "dino.msgpack"), str(clip_dir), batch_size=2)
+
+  texts = PROMPTS[:5]
+  hf_ids = transformers.CLIPTokenizer.from_pretrained(clip_dir)(
+      texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+  rng = np.random.RandomState(2)
+  images = [rng.randint(0, 256, (40, 57, 3), np.uint8), rng.randint(0, 256, (32, 32, 3), np.uint8),
+            rng.randint(0, 256, (64, 48, 3), np.uint8)]
+  processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                 crop_size={"height": 32, "width": 32})
+  clip_pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+  dino_pixels = dino.preprocess(images, embedders.dino_config).transpose(0, 3, 1, 2)
+  dino_pixels = torch.from_numpy(dino_pixels)
+  with torch.no_grad():
+    want_text = model.get_text_features(**hf_ids)
+    want_image = model.get_image_features(pixel_values=clip_pixels)
+    want_dino = vit(pixel_values=dino_pixels).last_hidden_state[:, 0].numpy()
+  want_text, want_image = (getattr(x, "pooler_output", x).numpy() for x in (want_text, want_image))
+  got = embedders.embed_images(images)
+  np.testing.assert_allclose(embedders.embed_texts(texts), want_text, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got.clip, want_image, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got.dino, want_dino, atol=1e-4, rtol=0)

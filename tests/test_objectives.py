@@ -85,9 +85,14 @@ def test_denoising_loss_oracle_is_zero_and_wrong_model_is_not(prediction):
   # eps recovered from x_t divides by sigma, which is ~1e-4 near t = 0.
   np.testing.assert_allclose(per_example, 0.0, atol=1e-4)
   assert set(aux) == {"mse", "log_snr", "weight"}
-  zeros, _ = loss.denoising_loss(lambda x_t, s: jnp.zeros_like(x_t), x_star,
-                                 key, sched, cfg)
+  zeros, aux = loss.denoising_loss(lambda x_t, s: jnp.zeros_like(x_t), x_star,
+                                   key, sched, cfg)
   assert np.all(zeros > 1e-3)
+  np.testing.assert_allclose(zeros, aux["weight"] * aux["mse"], rtol=1e-6)
+  np.testing.assert_allclose(
+      aux["weight"],
+      objectives.loss_weight(aux["log_snr"], prediction, "min_snr", 5.0))
+  assert np.any(aux["weight"] < 0.99)
 
 
 def test_noise_augment():

@@ -26,8 +26,10 @@ def _oracle(x_star, prediction="eps"):
 
   def predict_fn(x_t, log_snr, text, exemplars):
     del text, exemplars
-    eps = objectives.eps_from_x0(x_t, x_star, log_snr)
-    return objectives.prediction_target(x_star, eps, log_snr, prediction)
+    # A BatchedPredictFn sees N conditions stacked along the batch.
+    target = jnp.tile(x_star, (x_t.shape[0] // x_star.shape[0], 1, 1, 1))
+    eps = objectives.eps_from_x0(x_t, target, log_snr)
+    return objectives.prediction_target(target, eps, log_snr, prediction)
 
   return predict_fn
 
@@ -158,9 +160,8 @@ def test_interleaved_alternates_the_queried_conditions():
   assert calls == text_step + exemplar_step + text_step + exemplar_step
 
 
-def test_interleaved_alternates_inside_the_jitted_sampler():
-  # Under fori_loop the step is traced: record the guided output per step via
-  # an x_t-independent model and a sampler update we can invert.
+def test_interleaved_alternates_with_a_traced_step():
+  # Inside the sampler's fori_loop the step index is traced (lax.switch path).
   cfg = SamplingConfig(guidance="interleaved", text_guidance_scale=2.0,
                        exemplar_guidance_scale=5.0, num_steps=4)
   x_t, log_snr = jnp.zeros(SHAPE), jnp.zeros((SHAPE[0],))
@@ -214,6 +215,15 @@ def test_ddim_recovers_single_image(prediction):
   cfg = SamplingConfig(sampler="ddim", num_steps=20, guidance_scale=3.0)
   out = jax.jit(functools.partial(
       _sample, _oracle(X_STAR, prediction), cfg, prediction))()
+  np.testing.assert_allclose(out, X_STAR, atol=1e-3)
+
+
+def test_batched_interleaved_sampling_recovers_single_image():
+  cfg = SamplingConfig(num_steps=6, guidance="interleaved",
+                       text_guidance_scale=3.0, exemplar_guidance_scale=2.0)
+  out = jax.jit(lambda key: sampling.sample(
+      _masked_from(_oracle(X_STAR, "v")), SHAPE, key, SCHEDULE, cfg, "v",
+      has_exemplars=True))(jax.random.PRNGKey(0))
   np.testing.assert_allclose(out, X_STAR, atol=1e-3)
 
 

@@ -290,8 +290,11 @@ class InputIterator:
     self._skip_corrupt = skip_corrupt and pipeline.explain is not None
     self._num_epochs = num_epochs
     self._identity = identity
-    self._epoch = self._position = self._num_skipped = self._epoch_start = 0
+    self._epoch = self._position = self._num_skipped = 0
+    self._fresh_epoch = True
     self._batches = None
+    # A tf.function traces once per iterator, not once per epoch's dataset.
+    self._transform = tf.function(self._transform_record)
 
   @property
   def num_skipped(self) -> int:
@@ -328,42 +331,67 @@ class InputIterator:
       if self._batches is None:
         if self._num_epochs is not None and self._epoch >= self._num_epochs:
           raise StopIteration
-        self._epoch_start = self._position
-        self._batches = self._epoch_dataset(
-            self._epoch_start).as_numpy_iterator()
+        self._fresh_epoch = self._position == 0
+        self._batches = self._epoch_dataset(self._position).as_numpy_iterator()
       try:
-        return self._to_batch(next(self._batches))
-      except StopIteration:
-        if self._epoch_start == 0 and self._position == 0:
-          raise ValueError(
-              f"epoch {self._epoch} gave no full batch of {self._batch_size} "
-              f"for process {self._identity['process_index']}") from None
-        self._epoch, self._position, self._batches = self._epoch + 1, 0, None
+        batch = self._to_batch(next(self._batches))
       except tf.errors.OpError as e:
         self._batches = None
         self._explain(e)
+      if batch is not None:
+        self._fresh_epoch = False
+        return batch
+      if self._fresh_epoch:
+        raise ValueError(
+            f"epoch {self._epoch} gave no full batch of {self._batch_size} "
+            f"for process {self._identity['process_index']}")
+      self._epoch, self._position, self._batches = self._epoch + 1, 0, None
 
   def _epoch_dataset(self, start: int) -> tf.data.Dataset:
-    key = _epoch_seed(self._identity["seed"], self._epoch)
+    """Batches of epoch `self._epoch` from raw position `start` on.
 
-    def transform(position, raw):
-      out = self._pipeline.process(raw)
-      if self._max_exemplars is not None:
-        seeds = tf.stack([[key, 2 * position], [key, 2 * position + 1]])
-        out = _select_exemplars(out, self._max_exemplars, seeds)
-      out["position"] = position
-      return out
+    The raw stream ends with a marker whose position is the epoch's length,
+    so records skipped after the last full batch are counted too; the last,
+    partial batch holds the marker and is dropped on the host.
+    """
+    key = tf.constant(_epoch_seed(self._identity["seed"], self._epoch),
+                      tf.int64)
 
-    ds = self._pipeline.raw_epoch(self._epoch).enumerate().skip(start)
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    def zeros(spec):
+      return tf.nest.map_structure(
+          lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), spec)
+
+    raw = self._pipeline.raw_epoch(self._epoch)
+    ds = raw.map(lambda r: (r, False)).concatenate(
+        tf.data.Dataset.from_tensors((zeros(raw.element_spec), True)))
+    ds = ds.enumerate()
+    out_spec = ds.map(
+        lambda p, item: self._transform(p, item[0], key)).element_spec
+
+    def transform_or_end(position, item):
+      end = dict(zeros(out_spec), position=position, end=tf.constant(True))
+      return tf.cond(item[1], lambda: end,
+                     lambda: self._transform(position, item[0], key))
+
+    ds = ds.skip(start).map(transform_or_end,
+                            num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
     if self._skip_corrupt:
       # Dropped records leave gaps in `position`; _to_batch counts them.
       ds = ds.ignore_errors()
-    ds = ds.batch(self._batch_size, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    return ds.batch(self._batch_size).prefetch(
+        tf.data.AUTOTUNE).with_options(options)
+
+  def _transform_record(self, position: tf.Tensor, raw: dict[str, tf.Tensor],
+                        key: tf.Tensor) -> dict[str, tf.Tensor]:
+    """In-graph: one raw element -> a batch row (before tokenisation)."""
+    out = self._pipeline.process(raw)
+    if self._max_exemplars is not None:
+      seeds = tf.stack([[key, 2 * position], [key, 2 * position + 1]])
+      out = _select_exemplars(out, self._max_exemplars, seeds)
+    return dict(out, position=position, end=tf.constant(False))
 
   def _explain(self, error: tf.errors.OpError) -> None:
     """Raises a RecordError naming the bad record of the failed batch."""
@@ -384,10 +412,16 @@ class InputIterator:
     return (np.asarray(ids, np.int32).reshape(shape),
             np.asarray(mask, bool).reshape(shape))
 
-  def _to_batch(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    consumed = int(raw["position"][-1]) + 1
-    self._num_skipped += consumed - self._position - self._batch_size
+  def _to_batch(self,
+                raw: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Counts skipped records; a numpy batch, or None at the epoch's end."""
+    end = bool(raw["end"][-1])
+    # The end marker is no record; its position is the epoch's length.
+    consumed = int(raw["position"][-1]) + 1 - end
+    self._num_skipped += consumed - self._position - (len(raw["end"]) - end)
     self._position = consumed
+    if end:
+      return None
     text_ids, text_mask = self._encode(raw["prompt"])
     batch = {"image": raw["image"], "text_ids": text_ids,
              "text_mask": text_mask}

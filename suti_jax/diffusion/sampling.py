@@ -117,8 +117,8 @@ def sample(predict_fn: guidance_lib.Predictor, shape: tuple[int, ...],
   objectives.check_prediction(prediction)
   step_fn = SAMPLERS[cfg.sampler]
   init_key, loop_key = jax.random.split(key)
-  if x_T is None:
-    x_T = jax.random.normal(init_key, shape, jnp.float32)  # pylint: disable=invalid-name
+  x_init = (jax.random.normal(init_key, shape, jnp.float32) if x_T is None
+            else jnp.asarray(x_T, jnp.float32))
   batch_size = shape[0]
   num_steps = cfg.num_steps
   t_grid = jnp.linspace(1.0, 0.0, num_steps + 1)
@@ -138,5 +138,5 @@ def sample(predict_fn: guidance_lib.Predictor, shape: tuple[int, ...],
                   jax.random.fold_in(loop_key, step), cfg.eta)
     return jnp.where(step == num_steps - 1, x0, x_s)
 
-  x0 = jax.lax.fori_loop(0, num_steps, body, jnp.asarray(x_T, jnp.float32))
+  x0 = jax.lax.fori_loop(0, num_steps, body, x_init)
   return jnp.clip(x0, -1.0, 1.0)

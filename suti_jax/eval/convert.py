@@ -38,7 +38,8 @@ class ConversionError(ValueError):
 
 
 def _norm(path: tuple[str, ...], prefix: str) -> Mapping:
-  return [(path + ("scale",), f"{prefix}.weight", _same), (path + ("bias",), f"{prefix}.bias", _same)]
+  return [(path + ("scale",), f"{prefix}.weight", _same),
+          (path + ("bias",), f"{prefix}.bias", _same)]
 
 
 def _linear(path: tuple[str, ...], prefix: str, bias: bool = True) -> Mapping:
@@ -64,8 +65,9 @@ def dino_mapping(config: dino.DinoConfig) -> Mapping:
   Returns:
     (flax path, HF key, transform) triples covering every parameter.
   """
-  out = [(("patch_embed", "conv", "kernel"), "embeddings.patch_embeddings.projection.weight", _conv),
-         (("patch_embed", "conv", "bias"), "embeddings.patch_embeddings.projection.bias", _same),
+  patch = "embeddings.patch_embeddings.projection"
+  out = [(("patch_embed", "conv", "kernel"), f"{patch}.weight", _conv),
+         (("patch_embed", "conv", "bias"), f"{patch}.bias", _same),
          (("cls_token",), "embeddings.cls_token", _flat_token),
          (("pos_embedding",), "embeddings.position_embeddings", _flat_pos)]
   for i in range(config.num_layers):
@@ -163,6 +165,7 @@ def load_hf_state_dict(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
     HF key -> numpy array.
   """
   directory = pathlib.Path(directory)
+  # Imported here: only converting HF checkpoints needs safetensors (not a core requirement).
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   if (directory / "model.safetensors").is_file():
     return load_file(directory / "model.safetensors")

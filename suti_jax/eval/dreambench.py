@@ -146,11 +146,11 @@ def load_benchmark(root: str | pathlib.Path, subjects: Sequence[str] | None = No
       raise BenchmarkError(f"subject {name!r}: manifest class {class_noun!r} differs from the "
                            f"class table's {table.classes[name]!r}")
     paths = tuple(root / p for p in entry["images"])
+    if not paths:
+      raise BenchmarkError(f"subject {name!r} lists no images")
     for path in paths:
       if not path.is_file():
         raise BenchmarkError(f"subject {name!r}: image {path} is missing")
-    if not paths:
-      raise BenchmarkError(f"subject {name!r} lists no images")
     out.append(Subject(name, class_noun, bool(entry["live"]), paths))
   return Benchmark(root, tuple(out), table, unique_token)
 
@@ -235,7 +235,8 @@ def prompt_seed(seed: int, subject: Subject, prompt_index: int) -> int:
   return (seed * 1_000_003 + zlib.crc32(f"{subject.name}/{prompt_index}".encode())) % 2**31
 
 
-def _check_images(images: np.ndarray, method: GenerationMethod, subject: Subject, prompt: str):
+def _check_images(images: np.ndarray, method: GenerationMethod, subject: Subject,
+                  prompt: str) -> np.ndarray:
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
     raise ValueError(f"method {method.name!r} returned {images.dtype} {images.shape} for subject "

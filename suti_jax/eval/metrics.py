@@ -87,7 +87,8 @@ def text_fidelity(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
 
 
 def score(subject: str, generated: Sequence[np.ndarray], generated_emb: ImageEmbeddings,
-          real: np.ndarray, real_emb: ImageEmbeddings, text_emb: np.ndarray | None = None) -> Scores:
+          real: np.ndarray, real_emb: ImageEmbeddings,
+          text_emb: np.ndarray | None = None) -> Scores:
   """All scores of one subject.
 
   Args:

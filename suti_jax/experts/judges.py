@@ -48,18 +48,33 @@ class JudgeConfig:
 
 
 class ImageEncoder(nn.Module):
-  """Conv stages -> flatten -> MLP; flattening (not pooling) keeps position cues."""
+  """Conv stages -> pooled or flattened features -> MLP.
+
+  Attributes:
+    config: the CNN's shape.
+    pool: average+max pool over space (position-invariant: the subject judge) or
+      flatten (keeps where things are: the text judge reads position and parts).
+  """
 
   config: JudgeConfig
+  pool: bool
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] in [-1, 1] -> [B, embed_dim]."""
-    x = images
+    b, h, w, _ = images.shape
+    # CoordConv (Liu et al. 2018) channels: part roles are defined by where a part
+    # sits relative to the body, which plain convolutions localise poorly.
+    ys, xs = jnp.meshgrid(jnp.linspace(-1, 1, h), jnp.linspace(-1, 1, w), indexing="ij")
+    coords = einops.repeat(jnp.stack([ys, xs], -1), "h w c -> b h w c", b=b)
+    x = jnp.concatenate([images, coords], axis=-1)
     for width in self.config.widths:
       x = nn.gelu(nn.Conv(width, (3, 3))(x))
       x = nn.gelu(nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3), strides=2)(x)))
-    x = einops.rearrange(x, "b h w c -> b (h w c)")
+    if self.pool:
+      x = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
+    else:
+      x = einops.rearrange(x, "b h w c -> b (h w c)")
     x = nn.gelu(nn.Dense(4 * self.config.embed_dim)(x))
     return nn.Dense(self.config.embed_dim)(x)
 
@@ -71,7 +86,7 @@ class _SubjectNet(nn.Module):
   num_subjects: int
 
   def setup(self):
-    self.encoder = ImageEncoder(self.config)
+    self.encoder = ImageEncoder(self.config, pool=True)
     self.centers = self.param("centers", nn.initializers.normal(1.0),
                               (self.num_subjects, self.config.embed_dim))
 
@@ -92,7 +107,7 @@ class _AttributeNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> list[jax.Array]:
-    features = nn.gelu(ImageEncoder(self.config)(images))
+    features = nn.gelu(ImageEncoder(self.config, pool=False)(images))
     return [nn.Dense(n)(features) for n in self.head_sizes]
 
 

@@ -45,8 +45,17 @@ def encode_text(encoder: t5.T5Encoder, text_params: Any, ids: jax.Array,
   return jax.lax.stop_gradient(jnp.where(mask[..., None], emb.astype(jnp.float32), 0.0))
 
 
+def derive_low_res(image: jax.Array, size: int) -> jax.Array:
+  """An SR stage's clean low-res input: the target [B,H,W,C] resized to `size`.
+
+  Bicubic overshoots, so the result is clipped back to [-1, 1].
+  """
+  b, _, _, c = image.shape
+  return jnp.clip(jax.image.resize(image, (b, size, size, c), LOW_RES_RESIZE), -1.0, 1.0)
+
+
 def low_res_inputs(image: jax.Array, size: int, key: jax.Array, schedule: Schedule,
-                   noise_aug_max: float) -> dict[str, jax.Array]:
+                   **aug: float) -> dict[str, jax.Array]:
   """SR conditioning from the target: resize to `size`, then noise-augment.
 
   Args:
@@ -54,14 +63,12 @@ def low_res_inputs(image: jax.Array, size: int, key: jax.Array, schedule: Schedu
     size: the stage's low_res_size (px).
     key: PRNG key for the aug level and noise.
     schedule: the stage's schedule.
-    noise_aug_max: aug time drawn in [0, noise_aug_max] per example.
+    **aug: `max_t=` (training: aug time drawn in [0, max_t]) or `t=` (sampling).
 
   Returns:
     UNet kwargs `low_res` [B, size, size, C] and `aug_log_snr` [B].
   """
-  b, _, _, c = image.shape
-  low = jnp.clip(jax.image.resize(image, (b, size, size, c), LOW_RES_RESIZE), -1.0, 1.0)
-  low_res, aug_log_snr = loss_lib.noise_augment(low, key, schedule, max_t=noise_aug_max)
+  low_res, aug_log_snr = loss_lib.noise_augment(derive_low_res(image, size), key, schedule, **aug)
   return {"low_res": low_res, "aug_log_snr": aug_log_snr}
 
 
@@ -101,7 +108,7 @@ def make_loss_fn(model: unet_lib.UNet, encoder: t5.T5Encoder, cfg: DiffusionConf
   schedule = make_schedule(cfg)
   ucfg = model.config
   sr = functools.partial(low_res_inputs, size=ucfg.low_res_size, schedule=schedule,
-                         noise_aug_max=cfg.noise_aug_max) if ucfg.low_res_size else None
+                         max_t=cfg.noise_aug_max) if ucfg.low_res_size else None
   suti = functools.partial(exemplar_inputs, encoder) if ucfg.exemplar is not None else None
 
   def loss_fn(params, text_params, batch, key):
@@ -252,7 +259,31 @@ def compile_train_step(step_fn: Callable[..., Any], abstract_state: TrainState,
   jitted = jax.jit(step_fn, in_shardings=(shardings(abstract_state), shardings(abstract_batch)),
                    out_shardings=(shardings(abstract_state), NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=0)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with nn.logical_axis_rules(rules):
     compiled = jitted.lower(abstract_state, abstract_batch).compile()
   logging.info("compiled train step; memory per device: %s", compiled.memory_analysis())
   return compiled
+
+
+def build_step_fn(model: unet_lib.UNet, encoder: t5.T5Encoder, diffusion: DiffusionConfig,
+                  optimizer: OptimizerConfig, tx: optax.GradientTransformation, trainable: Any,
+                  seed: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """`train_step` with every static dependency bound (ready for jit).
+
+  Args:
+    model: the stage's UNet.
+    encoder: the frozen T5 module.
+    diffusion: the stage's diffusion section.
+    optimizer: EMA rule and grad_accum_steps.
+    tx: the optimizer built from `optimizer` and `trainable`.
+    trainable: bool tree like params, or None (all train).
+    seed: run seed.
+
+  Returns:
+    step(state, batch) -> (state, metrics).
+  """
+  loss_fn = make_loss_fn(model, encoder, diffusion)
+  return functools.partial(
+      train_step, grad_fn=make_grad_fn(loss_fn, optimizer.grad_accum_steps), tx=tx,
+      ema_fn=make_ema_fn(optimizer, trainable), trainable=trainable,
+      lr_fn=optimizer_lib.learning_rate_schedule(optimizer), seed=seed)

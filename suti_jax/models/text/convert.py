@@ -181,10 +181,16 @@ def config_from_hf(hf_config: Mapping[str, Any],
   eps = hf_config.get("layer_norm_epsilon", t5.LAYER_NORM_EPS)
   if not np.isclose(eps, t5.LAYER_NORM_EPS):
     raise CheckpointError(f"layer_norm_epsilon={eps}: expected {t5.LAYER_NORM_EPS}")
+  # Older T5 v1.1 config.json files predate the relative-attention fields.
+  values = {"relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128, **hf_config}
   fields = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
             "relative_attention_num_buckets", "relative_attention_max_distance")
+  missing = [k for k in fields if k not in values]
+  if missing:
+    raise CheckpointError(f"config.json lacks {missing}")
   return dataclasses.replace(base or TextEncoderConfig(),
-                             **{k: int(hf_config[k]) for k in fields})
+                             **{k: int(values[k]) for k in fields})
 
 
 def _mapping(cfg: TextEncoderConfig) -> list[tuple[str, str, tuple[int, ...], Callable]]:

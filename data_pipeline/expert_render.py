@@ -1,0 +1,149 @@
+"""Stage 7: render each cluster's targets with a pluggable `TargetRenderer`.
+
+Renderers by name: 'expert' (DreamBooth, from suti_jax.experts), 'same_cluster'
+(SuTI v1) and 'oracle' (synthetic-world ground truth, an upper bound for tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+from typing import Any, Sequence
+
+import apache_beam as beam
+
+from data_pipeline import interfaces
+from data_pipeline.interfaces import Candidate, Cluster, PromptSpec, RenderTask, Target
+from data_pipeline.interfaces import TargetRenderer
+from suti_jax.data import images
+from suti_jax.data import synthetic
+
+RENDERERS = ("expert", "same_cluster", "oracle")
+# The module and factory the 'expert' renderer loads: make_target_renderer(**options)
+# must return a TargetRenderer (it owns fine-tuning or loading the experts).
+EXPERT_MODULE = "suti_jax.experts.target_renderer"
+_STAGE = "expert_render"
+
+
+class SameClusterRenderer(TargetRenderer):
+  """SuTI v1: each cluster image in turn is a target, its caption the prompt.
+
+  The target image is excluded from that group's exemplars. v1 models learned to
+  copy exemplars; this mode exists as that baseline.
+  """
+
+  name = "same_cluster"
+
+  def __init__(self, max_targets: int = 8):
+    self.max_targets = max_targets
+
+  def render_targets(self, cluster: Cluster, prompts: Sequence[PromptSpec],
+                     seed: int) -> list[Target]:
+    return [Target("same_cluster", m.caption, images.decode_array(m.image), excluded_member=i)
+            for i, m in enumerate(cluster.members[:self.max_targets])]
+
+
+class OracleRenderer(TargetRenderer):
+  """Synthetic world only: renders the exact ground truth of each prompt.
+
+  Reads the records' ground-truth `true_subject_id` (JSONL input) and the
+  synthetic renderer, so its targets are an upper bound no real expert reaches.
+  """
+
+  name = "oracle"
+
+  def render_targets(self, cluster: Cluster, prompts: Sequence[PromptSpec],
+                     seed: int) -> list[Target]:
+    ids = collections.Counter(m.true_subject_id for m in cluster.members if m.true_subject_id)
+    if not ids:
+      error = "oracle needs ground-truth true_subject_id (JSONL input from the synthetic web)"
+      return [Target(p.skill, p.prompt, None, error=error) for p in prompts]
+    subject = synthetic.make_subject(min(ids, key=lambda i: (-ids[i], i)))
+    size = images.decode_array(cluster.members[0].image).shape[0]
+    targets = []
+    for p in prompts:
+      try:
+        image = synthetic.render(subject, synthetic.parse_prompt(p.prompt), size)
+        targets.append(Target(p.skill, p.prompt, image))
+      except (KeyError, ValueError) as e:
+        targets.append(Target(p.skill, p.prompt, None, error=repr(e)))
+    return targets
+
+
+def expert_factory():
+  """`suti_jax.experts.target_renderer.make_target_renderer`, imported lazily.
+
+  Raises:
+    ImportError: with what is missing and the alternatives.
+  """
+  try:
+    return importlib.import_module(EXPERT_MODULE).make_target_renderer
+  except (ImportError, AttributeError) as e:
+    raise ImportError(
+        f"--renderer=expert needs {EXPERT_MODULE}.make_target_renderer(**options) "
+        f"returning a data_pipeline.interfaces.TargetRenderer; it is unavailable ({e!r}). "
+        "Use --renderer=same_cluster or --renderer=oracle (synthetic world).") from e
+
+
+def make_target_renderer(name: str, **options: Any) -> TargetRenderer:
+  """The renderer called `name`, built with `options`.
+
+  Args:
+    name: one of `RENDERERS`.
+    **options: the renderer's constructor arguments.
+
+  Returns:
+    A TargetRenderer (not set up yet).
+
+  Raises:
+    ValueError: unknown name.
+    ImportError: 'expert' when `suti_jax.experts.target_renderer` is unavailable.
+  """
+  if name == "same_cluster":
+    return SameClusterRenderer(**options)
+  if name == "oracle":
+    return OracleRenderer(**options)
+  if name == "expert":
+    return expert_factory()(**options)
+  raise ValueError(f"unknown renderer {name!r}; known: {RENDERERS}")
+
+
+class _RenderFn(beam.DoFn):
+  """Builds the renderer once per worker (setup) and renders a cluster per call."""
+
+  def __init__(self, name: str, options: dict[str, Any], seed: int):
+    self._name = name
+    self._options = options
+    self._seed = seed
+    self._renderer = None
+
+  def setup(self):
+    self._renderer = make_target_renderer(self._name, **self._options)
+    self._renderer.setup()
+
+  def process(self, task: RenderTask):
+    seed = interfaces.stable_seed(self._seed, "render", task.cluster.key)
+    targets = self._renderer.render_targets(task.cluster, task.prompts, seed)
+    for i, target in enumerate(targets):
+      if target.image is None:
+        yield interfaces.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
+                                     task.cluster.key, f"{target.prompt!r}: {target.error}")
+        continue
+      interfaces.count("expert_render/targets")
+      yield Candidate(task.cluster, target, i, self._renderer.name)
+
+
+class RenderTargets(beam.PTransform):
+  """PCollection[RenderTask] -> `.candidates` (Candidate) and `.dead_letter`."""
+
+  def __init__(self, renderer: str, options: dict[str, Any] | None = None, seed: int = 0):
+    super().__init__()
+    if renderer not in RENDERERS:
+      raise ValueError(f"unknown renderer {renderer!r}; known: {RENDERERS}")
+    if renderer == "expert":
+      expert_factory()  # Fail at construction, not later on a worker.
+    self._fn = _RenderFn(renderer, dict(options or {}), seed)
+
+  def expand(self, tasks):
+    return (tasks | "Render" >> beam.ParDo(self._fn)
+            .with_outputs(interfaces.DEAD_LETTER, main="candidates"))

@@ -1,0 +1,155 @@
+"""Stage 8: score targets for subject and text fidelity, keep the good ones as ICL groups.
+
+Scorers are pluggable by spec: subject 'embedding' (default) or 'judge:<path>'; text
+'constant' (default, 1.0) or 'judge:<path>' (suti_jax.experts.judges, loaded lazily).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import apache_beam as beam
+import numpy as np
+
+from data_pipeline import interfaces
+from data_pipeline.cluster_filter import ColourEmbedder, decode_members
+from data_pipeline.interfaces import Candidate, ImageEmbedder, SubjectScorer, TextScorer
+from suti_jax.data import images
+from suti_jax.data import records
+
+PIPELINE_VERSION = "data_pipeline/1"
+_JUDGES_MODULE = "suti_jax.experts.judges"
+
+
+class EmbeddingSubjectScorer(SubjectScorer):
+  """Cosine between the target's embedding and the exemplars' normalised mean."""
+
+  def __init__(self, embedder: ImageEmbedder | None = None):
+    self.embedder = embedder or ColourEmbedder()
+
+  def setup(self):
+    self.embedder.setup()
+
+  def score(self, image: np.ndarray, exemplar_images: np.ndarray) -> float:
+    size = exemplar_images.shape[1]
+    if image.shape[:2] != (size, size):  # An expert may render at its own size.
+      image = ((images.preprocess_array(image, size) + 1.0) * 127.5).round().astype(np.uint8)
+    emb = self.embedder.embed(np.concatenate([image[None], exemplar_images]))
+    mean = emb[1:].mean(0)
+    return float(emb[0] @ mean / max(np.linalg.norm(mean), 1e-6))
+
+
+class ConstantTextScorer(TextScorer):
+  """The default text scorer when no judge is configured: every target scores 1.0."""
+
+  def score(self, image: np.ndarray, prompt: str) -> float:
+    return 1.0
+
+
+class _Loaded:
+  """Adapts any object with `score(...)` (e.g. a judge) and loads it in setup."""
+
+  def __init__(self, class_name: str, path: str):
+    self._class_name = class_name
+    self._path = path
+    self._judge = None
+
+  def setup(self):
+    try:
+      module = importlib.import_module(_JUDGES_MODULE)
+    except ImportError as e:
+      raise ImportError(f"a 'judge:' scorer needs {_JUDGES_MODULE} ({e!r})") from e
+    self._judge = getattr(module, self._class_name).load(self._path)
+
+  def score(self, image, condition) -> float:
+    return float(self._judge.score(image, condition))
+
+
+def make_scorer(kind: str, spec: str):
+  """Builds a scorer from its flag value.
+
+  Args:
+    kind: 'subject' or 'text'.
+    spec: subject: 'embedding' or 'judge:<path>'; text: 'constant' or 'judge:<path>'.
+
+  Returns:
+    An object with `setup()` and `score(image, exemplars_or_prompt) -> float`.
+  """
+  if spec.startswith("judge:"):
+    return _Loaded("SubjectJudge" if kind == "subject" else "TextJudge", spec[len("judge:"):])
+  if kind == "subject" and spec == "embedding":
+    return EmbeddingSubjectScorer()
+  if kind == "text" and spec == "constant":
+    return ConstantTextScorer()
+  raise ValueError(f"unknown {kind} scorer {spec!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+  """Flags of the fidelity filter.
+
+  Attributes:
+    min_subject_score: targets scoring below are dropped ('drop/low_subject_fidelity').
+    min_text_score: targets scoring below are dropped ('drop/low_text_fidelity').
+    max_exemplars: K, exemplars per ICL group (the first K by URL order).
+  """
+
+  min_subject_score: float = 0.3
+  min_text_score: float = 0.5
+  max_exemplars: int = 5
+
+
+class _ScoreFn(beam.DoFn):
+
+  def __init__(self, subject_scorer, text_scorer, cfg: ScoreConfig):
+    self._subject = subject_scorer
+    self._text = text_scorer
+    self._cfg = cfg
+
+  def setup(self):
+    self._subject.setup()
+    self._text.setup()
+
+  def process(self, candidate: Candidate):
+    cluster, target = candidate.cluster, candidate.target
+    chosen = [i for i in range(len(cluster.members)) if i != target.excluded_member]
+    chosen = chosen[:self._cfg.max_exemplars]
+    if not chosen:
+      interfaces.count("drop/no_exemplars")
+      return
+    exemplars = [cluster.members[i] for i in chosen]
+    pixels = decode_members(dataclasses.replace(cluster, members=tuple(exemplars)))
+    subject = self._subject.score(target.image, pixels)
+    text = self._text.score(target.image, target.prompt)
+    if subject < self._cfg.min_subject_score:
+      interfaces.count("drop/low_subject_fidelity")
+      return
+    if text < self._cfg.min_text_score:
+      interfaces.count("drop/low_text_fidelity")
+      return
+    interfaces.count("score_filter/groups")
+    urls = [m.url for m in exemplars]
+    if target.excluded_member >= 0:
+      urls.append(cluster.members[target.excluded_member].url)
+    yield records.ICLGroup(
+        group_id=f"{interfaces.stable_seed(cluster.key):016x}-{candidate.index:03d}",
+        subject_id=cluster.key, skill=target.skill,
+        exemplar_images=[m.image for m in exemplars],
+        exemplar_captions=[m.caption for m in exemplars],
+        target_image=records.encode_png(target.image), target_prompt=target.prompt,
+        score_subject=subject, score_text=text, source_urls=urls,
+        expert=candidate.renderer, pipeline=PIPELINE_VERSION)
+
+
+class ScoreAndFilter(beam.PTransform):
+  """PCollection[Candidate] -> PCollection[records.ICLGroup] that pass both filters."""
+
+  def __init__(self, subject_scorer=None, text_scorer=None, cfg: ScoreConfig = ScoreConfig()):
+    """Args: scorers default to the embedding / constant ones; cfg: thresholds, K."""
+    super().__init__()
+    self._fn = _ScoreFn(subject_scorer or EmbeddingSubjectScorer(),
+                        text_scorer or ConstantTextScorer(), cfg)
+
+  def expand(self, candidates):
+    return candidates | "Score" >> beam.ParDo(self._fn)

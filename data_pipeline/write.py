@@ -1,0 +1,109 @@
+"""Stage 9: write ICL groups as sharded TFRecords, the dead letters as JSONL, a summary.
+
+Shards are chosen by a hash of the group id and sorted inside, so a re-run on the
+same input writes byte-identical files on any runner.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+import tensorflow as tf
+
+from data_pipeline import interfaces
+from suti_jax.data import records
+
+
+def shard_paths(path_prefix: str, num_shards: int) -> list[str]:
+  """The shard files, named like `records.write_tfrecords` names them."""
+  return [f"{path_prefix}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
+
+
+def _write_shard(element, paths: list[str]) -> int:
+  shard, grouped = element
+  serialized = sorted(grouped["records"])  # Sorted by group id (the keys).
+  with tf.io.TFRecordWriter(paths[shard]) as writer:
+    for _, record in serialized:
+      writer.write(record)
+  interfaces.count("write/groups", len(serialized))
+  return len(serialized)
+
+
+class WriteIclGroups(beam.PTransform):
+  """PCollection[ICLGroup] -> `{prefix}-SSSSS-of-NNNNN` TFRecords; outputs record counts."""
+
+  def __init__(self, path_prefix: str, num_shards: int):
+    super().__init__()
+    if num_shards < 1:
+      raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    self._paths = shard_paths(path_prefix, num_shards)
+
+  def expand(self, groups):
+    n = len(self._paths)
+    keyed = groups | "Serialize" >> beam.Map(lambda g: (
+        zlib.crc32(g.group_id.encode("utf-8")) % n,
+        (g.group_id, records.serialize_icl_group(g))))
+    # Every shard gets a key, so empty shards are still written.
+    shards = groups.pipeline | "Shards" >> beam.Create([(i, None) for i in range(n)])
+    return ({"records": keyed, "shards": shards}
+            | "Join" >> beam.CoGroupByKey()
+            | "Write" >> beam.Map(_write_shard, self._paths))
+
+
+def _write_lines(rows: list[dict[str, Any]], path: str) -> int:
+  lines = sorted(json.dumps(r, sort_keys=True) for r in rows)
+  with FileSystems.create(path) as f:
+    f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+  return len(lines)
+
+
+class WriteSortedJsonl(beam.PTransform):
+  """PCollection[dict] -> one JSONL file with sorted lines (for small outputs)."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self._path = path
+
+  def expand(self, rows):
+    return (rows | "Gather" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(_write_lines, self._path))
+
+
+def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+  """The pipeline's counters by name (committed values where the runner has them)."""
+  found = result.metrics().query(MetricsFilter().with_namespace(interfaces.NAMESPACE))
+  out: dict[str, int] = {}
+  for c in found["counters"]:
+    value = c.committed if c.committed is not None else c.attempted
+    out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+  return out
+
+
+def summarize(values: dict[str, int], groups_written: int, options: dict[str, Any]
+              ) -> dict[str, Any]:
+  """The JSON summary: counts per stage, per drop reason, and the options used.
+
+  Args:
+    values: `counters(result)`.
+    groups_written: ICL groups in the output shards.
+    options: the pipeline's own flags.
+
+  Returns:
+    {'stages': {stage: {what: n}}, 'drops': {reason: n}, 'groups_written': n,
+     'options': {...}}; dead letters are among the drops (their reasons).
+  """
+  stages: dict[str, dict[str, int]] = {}
+  drops = {}
+  for name, value in sorted(values.items()):
+    stage, _, what = name.partition("/")
+    if stage == "drop":
+      drops[what] = value
+    else:
+      stages.setdefault(stage, {})[what] = value
+  return {"stages": stages, "drops": drops, "groups_written": groups_written,
+          "options": options}

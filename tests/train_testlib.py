@@ -1,0 +1,52 @@
+"""Shared set-up of the training tests: a micro UNet config that compiles fast
+on CPU, in-memory input sources and a runner for `loop.run` in a workdir."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from configs import imagen_base64
+from configs import suti_base64
+
+
+def micro_config(stage: str = "base64", **train):
+  """The `tiny` config shrunk further (one attention level, 1-layer T5)."""
+  c = (suti_base64 if stage == "suti" else imagen_base64).get_config("tiny")
+  c.model.base_channels = 8
+  c.model.channel_mults = (1, 2)
+  c.model.num_res_blocks = (1, 1)
+  c.model.attention_resolutions = (8,)
+  c.text.num_layers = 1
+  c.text.max_length = 8
+  c.train.batch_size = 8
+  c.train.total_steps = 4
+  c.train.log_every_steps = 1
+  c.train.checkpoint_every_steps = 2
+  c.mesh.ici_data = 1
+  c.mesh.ici_fsdp = -1
+  c.optimizer.warmup_steps = 0
+  c.data.shuffle_buffer = 8
+  if stage == "suti":
+    c.model.exemplar.max_exemplars = 2
+    c.data.kind = "synthetic"
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def caption_source(size: int = 16, n: int = 32, seed: int = 0):
+  """n (uint8 image, caption) pairs."""
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), f"a toy number {i}")
+          for i in range(n)]
+
+
+def icl_source(size: int = 16, n: int = 32, k: int = 2, seed: int = 0):
+  """n ICL groups with k exemplars each."""
+  rng = np.random.default_rng(seed)
+  return [dict(target_image=rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+               target_prompt=f"toy {i} on a beach",
+               exemplar_images=[rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                                for _ in range(k)],
+               exemplar_captions=[f"toy {i} view {j}" for j in range(k)])
+          for i in range(n)]
