@@ -8,6 +8,7 @@ import sys
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -245,3 +246,22 @@ def test_read_torch_strides_and_refusal(tmp_path):
   torch.save({"f": functools.partial(print)}, tmp_path / "code.bin")
   with pytest.raises(text.CheckpointError, match="functools.partial"):
     text.read_checkpoint(str(tmp_path / "code.bin"))
+
+
+def test_sharded_forward_matches_unsharded():
+  # 264 rows: the byte vocab (259) does not divide over the tensor axis.
+  cfg = dataclasses.replace(TINY, vocab_size=264)
+  params = text.load_text_encoder(cfg, jax.random.key(5)).params
+  ids, mask = _batch(length=TINY.max_length, vocab=259)
+  ref = _apply(cfg, params, ids, mask)
+  mesh = jax.sharding.Mesh(
+      mesh_utils.create_device_mesh((2, 2, 2)), axes.MESH_AXES,
+      axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with mesh, nn.logical_axis_rules(axes.DEFAULT_RULES):
+    shardings = nn.logical_to_mesh_sharding(
+        nn.get_partition_spec(params), mesh, axes.DEFAULT_RULES)
+    sharded = jax.device_put(nn.unbox(params), nn.unbox(shardings))
+    wi = sharded["layers_0"]["mlp"]["wi_0"]
+    assert wi.sharding.spec == jax.sharding.PartitionSpec(axes.FSDP, axes.TENSOR)
+    out = jax.jit(t5.T5Encoder(cfg).apply)({"params": sharded}, ids, mask)
+  np.testing.assert_allclose(out, ref, atol=1e-5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -188,7 +189,8 @@ class T5Encoder(nn.Module):
     buckets = relative_position_buckets(
         length, cfg.relative_attention_num_buckets,
         cfg.relative_attention_max_distance)
-    position_bias = jnp.transpose(rel_bias(jnp.asarray(buckets)), (2, 0, 1))
+    position_bias = einops.rearrange(rel_bias(jnp.asarray(buckets)),
+                                     "q k h -> h q k")
     # A large finite negative (not -inf) keeps all-padding rows finite.
     mask_bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min / 2)
     bias = position_bias[None] + mask_bias[:, None, None, :].astype(jnp.float32)
