@@ -159,7 +159,7 @@ def serialize_icl_group(group: ICLGroup) -> bytes:
   _embedding(features, "embedding/prompt", group.prompt_embedding)
   _embedding(features, "embedding/captions", group.caption_embeddings)
   example = tf.train.Example(features=tf.train.Features(feature=features))
-  return example.SerializeToString()
+  return example.SerializeToString(deterministic=True)
 
 
 def serialize_caption_example(example: CaptionExample) -> bytes:
@@ -172,7 +172,7 @@ def serialize_caption_example(example: CaptionExample) -> bytes:
       "example_id": _bytes([example.example_id]),
   }
   proto = tf.train.Example(features=tf.train.Features(feature=features))
-  return proto.SerializeToString()
+  return proto.SerializeToString(deterministic=True)
 
 
 class _Reader:

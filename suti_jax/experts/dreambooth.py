@@ -261,10 +261,11 @@ def expert_losses(params: Params, data: dict[str, np.ndarray], key: jax.Array,
     {'instance_loss': float, 'prior_loss': float}.
   """
   statics = _StepStatics(unet_cfg, diffusion_cfg, cfg)
-  loss_fn = jax.jit(lambda p, k: _expert_loss(
-      p, _draw_batch(data, jax.random.fold_in(k, 0), cfg.batch_size),
+  loss_fn = jax.jit(lambda p, d, k: _expert_loss(
+      p, _draw_batch(d, jax.random.fold_in(k, 0), cfg.batch_size),
       jax.random.fold_in(k, 1), statics)[1])
-  draws = [loss_fn(nn.unbox(params), jax.random.fold_in(key, i)) for i in range(num_draws)]
+  params = nn.unbox(params)
+  draws = [loss_fn(params, data, jax.random.fold_in(key, i)) for i in range(num_draws)]
   return {name: float(np.mean([d[name] for d in draws])) for name in draws[0]}
 
 
