@@ -18,7 +18,8 @@ def text_encoder(tiny: bool) -> ml_collections.ConfigDict:
   """T5-XXL (Imagen) or a tiny byte-level T5 for CPU runs."""
   if tiny:
     return ml_collections.ConfigDict(dict(
-        tokenizer="byte", spm_path="", weights_path="", vocab_size=259,
+        # 259 byte ids padded to 264 so the table divides any tensor axis <= 8.
+        tokenizer="byte", spm_path="", weights_path="", vocab_size=264,
         d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
         relative_attention_num_buckets=8, relative_attention_max_distance=32,
         max_length=16, dtype="float32"))

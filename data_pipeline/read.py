@@ -1,4 +1,5 @@
-"""Stage 1: read web image-text pairs (JSONL + image files, or CaptionExample TFRecords).
+"""Stage 1: read web image-text pairs (JSONL + image files, CaptionExample TFRecords,
+or a DreamBench folder where each subject becomes one URL cluster).
 
 Invalid inputs go to the dead-letter output with a reason. Also writes the synthetic
 web in both input formats, for tests and demos.
@@ -21,13 +22,46 @@ from suti_jax.data import images
 from suti_jax.data import records
 from suti_jax.data.synthetic import WebPair
 
-FORMATS = ("jsonl", "tfrecord")
+FORMATS = ("jsonl", "tfrecord", "dreambench")
+# DreamBench photos get URLs on this host, one folder per subject, so that
+# clustering by URL puts each subject in its own cluster.
+DREAMBENCH_HOST = "dreambench.local"
 _STAGE = "read"
 
 
 def infer_format(pattern: str) -> str:
-  """'jsonl' for *.jsonl / *.json patterns, else 'tfrecord'."""
-  return "jsonl" if pattern.endswith((".jsonl", ".json")) else "tfrecord"
+  """'jsonl' for *.jsonl / *.json, 'dreambench' for a folder holding a
+  DreamBench manifest.json, else 'tfrecord'."""
+  if pattern.endswith((".jsonl", ".json")):
+    return "jsonl"
+  if os.path.isfile(os.path.join(pattern, "manifest.json")):
+    return "dreambench"
+  return "tfrecord"
+
+
+def dreambench_rows(root: str) -> list[tuple[str, str, str, str]]:
+  """(example_id, url, caption, image_path) for every DreamBench photo.
+
+  The caption is the class noun only ("a photo of a dog"), as DreamBooth's
+  class prompts; the manifest reader validates every subject and image.
+  """
+  from suti_jax.eval import dreambench  # pylint: disable=import-outside-toplevel
+  benchmark = dreambench.load_benchmark(root)
+  return [(f"dreambench/{subject.name}/{path.name}",
+           f"https://{DREAMBENCH_HOST}/{subject.name}/{path.name}",
+           f"a photo of a {subject.class_noun}", str(path))
+          for subject in benchmark.subjects for path in subject.image_paths]
+
+
+class _ReadDreamBenchPhoto(beam.DoFn):
+  """(example_id, url, caption, image_path) -> WebRecord, with the subject as
+  ground truth (real photos: the subject is known)."""
+
+  def process(self, element):
+    example_id, url, caption, path = element
+    with FileSystems.open(path) as f:
+      image = f.read()
+    yield from _check(example_id, url, caption, image, example_id.split("/")[1])
 
 
 def _valid_url(url: str) -> bool:
@@ -97,7 +131,8 @@ class ReadWebPairs(beam.PTransform):
   """Reads web pairs; outputs `.records` (WebRecord) and `.dead_letter` (dicts)."""
 
   def __init__(self, pattern: str, input_format: str = "auto"):
-    """Args: pattern: file glob; input_format: 'jsonl', 'tfrecord' or 'auto'."""
+    """Args: pattern: file glob (a folder for 'dreambench'); input_format:
+    'jsonl', 'tfrecord', 'dreambench' or 'auto'."""
     super().__init__()
     self._pattern = pattern
     self._format = infer_format(pattern) if input_format == "auto" else input_format
@@ -112,6 +147,9 @@ class ReadWebPairs(beam.PTransform):
         raise FileNotFoundError(f"no input files match {self._pattern}")
       raw = pbegin | "Files" >> beam.Create(paths) | "Lines" >> beam.FlatMap(_jsonl_lines)
       parse = beam.ParDo(_ParseJsonl())
+    elif self._format == "dreambench":
+      raw = pbegin | "Photos" >> beam.Create(dreambench_rows(self._pattern))
+      parse = beam.ParDo(_ReadDreamBenchPhoto())
     else:
       raw = pbegin | "TFRecords" >> beam.io.ReadFromTFRecord(self._pattern)
       parse = beam.ParDo(_ParseCaptionExample())

@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+import jax
+
 T = TypeVar("T")
 
 
@@ -231,6 +233,14 @@ class TrainConfig:
   keep_checkpoints: int = 3
   sample_every_steps: int = 0
   peak_flops_per_device: float = 0.0
+
+
+# Every section is frozen and hashable: register them as static pytree nodes so
+# they pass through `jax.jit` / `jax.eval_shape` as compile-time constants
+# (e.g. `jax.eval_shape(init_t5_params, text_cfg, key)` needs no partial).
+for _cls in (ExemplarConfig, UNetConfig, TextEncoderConfig, DiffusionConfig,
+             SamplingConfig, OptimizerConfig, MeshConfig, DataConfig, TrainConfig):
+  jax.tree_util.register_static(_cls)
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:

@@ -128,7 +128,9 @@ def _combine(predictor: Predictor, x_t: jax.Array, log_snr: jax.Array,
              full: Condition, terms: tuple[_Term, ...]) -> jax.Array:
   """Evaluates the needed conditions and sums the guidance terms onto `full`."""
   # A term with scale 1 contributes nothing: skip its extra model evaluations.
-  terms = tuple(term for term in terms if term.scale != 1.0)
+  # Traced scales (inputs of an exported sampler) are always evaluated.
+  terms = tuple(term for term in terms
+                if isinstance(term.scale, jax.Array) or term.scale != 1.0)
   needed = [full]
   for term in terms:
     needed += [c for c in (term.positive, term.negative) if c not in needed]

@@ -20,10 +20,6 @@ from suti_jax.parallel import axes
 # T5 v1.1 (and HF's T5Config default) uses this RMSNorm epsilon everywhere.
 LAYER_NORM_EPS = 1e-6
 
-# The (frozen, hashable) config passes through jax transforms as static data,
-# so `jax.eval_shape(init_t5_params, cfg, key)` and `jax.jit` need no partial.
-jax.tree_util.register_static(TextEncoderConfig)
-
 
 def relative_position_buckets(length: int, num_buckets: int,
                               max_distance: int) -> np.ndarray:

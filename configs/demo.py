@@ -1,0 +1,61 @@
+"""The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
+(experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
+
+  python -m launch.demo                                   # ~20 min, 2 idle cores
+  python -m launch.demo --config=configs/demo.py:small    # the end-to-end test size
+"""
+
+import ml_collections
+
+from configs import common
+from configs import imagen_base64
+from configs import imagen_sr256
+from configs import suti_base64
+
+
+def _stage(parent, steps: int, batch_size: int, learning_rate: float):
+  """A tiny stage config trained for `steps`, saving only at the end."""
+  c = parent.get_config("tiny")
+  c.train.total_steps = steps
+  c.train.batch_size = batch_size
+  c.train.checkpoint_every_steps = steps
+  c.train.keep_checkpoints = 1
+  c.train.log_every_steps = max(1, steps // 10)
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_steps = min(50, steps // 10)
+  c.data.shuffle_buffer = 256
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  opts = common.parse_arg(arg)
+  small = "small" in opts
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Synthetic world. Web images are 32 px (the SR target); the base trains at 16.
+  c.world = ml_collections.ConfigDict(dict(
+      num_clusters=12 if small else 48, web_size_px=32, image_size=16,
+      num_heldout_subjects=2 if small else 8, min_exemplars=3, max_exemplars=5,
+      prompts_per_skill=1 if small else 2))
+  c.base = _stage(imagen_base64, steps=20 if small else 1200, batch_size=8 if small else 32,
+                  learning_rate=1e-3)
+  c.sr = _stage(imagen_sr256, steps=10 if small else 300, batch_size=8 if small else 16,
+                learning_rate=1e-3)
+  c.suti = _stage(suti_base64, steps=10 if small else 500, batch_size=8 if small else 16,
+                  learning_rate=5e-4)
+  # Judges: trained on their own subjects (disjoint from web and held-out ones).
+  c.judges = ml_collections.ConfigDict(dict(
+      image_size=16, num_subjects=16 if small else 64, steps=30 if small else 800,
+      scenes_per_subject=6 if small else 24, num_heldout_subjects=4 if small else 16,
+      batch_size=32 if small else 64, seed=7))
+  # DreamBooth experts (suti_jax.experts.dreambooth.ExpertConfig fields), for the
+  # pipeline's teachers and for the held-out DreamBooth baseline alike.
+  c.experts = ml_collections.ConfigDict(dict(
+      num_steps=5 if small else 150, optimizer="adam", learning_rate=1e-3,
+      batch_size=4, num_class_images=4 if small else 8, class_sampling_steps=4 if small else 8,
+      max_parallel_experts=4 if small else 8))
+  c.pipeline = ml_collections.ConfigDict(dict(
+      prompts_per_cluster=5, num_shards=2, min_subject_score=0.0, min_text_score=0.0))
+  c.eval = ml_collections.ConfigDict(dict(
+      sampling_steps=4 if small else 16, num_grid_subjects=2 if small else 4, sr_grids=True))
+  return c
