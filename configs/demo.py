@@ -45,9 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   learning_rate=5e-4)
   # Judges: trained on their own subjects (disjoint from web and held-out ones).
   c.judges = ml_collections.ConfigDict(dict(
-      image_size=16, num_subjects=16 if small else 64, steps=30 if small else 800,
-      scenes_per_subject=6 if small else 24, num_heldout_subjects=4 if small else 16,
-      batch_size=32 if small else 64, seed=7))
+      image_size=16, num_subjects=24 if small else 200, steps=20 if small else 500,
+      scenes_per_subject=6, num_heldout_subjects=4 if small else 24,
+      batch_size=16 if small else 64, seed=7))
   # DreamBooth experts (suti_jax.experts.dreambooth.ExpertConfig fields), for the
   # pipeline's teachers and for the held-out DreamBooth baseline alike.
   c.experts = ml_collections.ConfigDict(dict(

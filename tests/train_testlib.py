@@ -3,10 +3,22 @@ on CPU, in-memory input sources and a runner for `loop.run` in a workdir."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import pytest
 
 from configs import imagen_base64
 from configs import suti_base64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+  """XLA CPU compiles of the UNet step dominate test time; optimizations are
+  not what these tests check (import this fixture into a test module)."""
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def micro_config(stage: str = "base64", **train):
@@ -50,3 +62,43 @@ def icl_source(size: int = 16, n: int = 32, k: int = 2, seed: int = 0):
                                 for _ in range(k)],
                exemplar_captions=[f"toy {i} view {j}" for j in range(k)])
           for i in range(n)]
+
+
+def sr_micro_config():
+  """The SR 64->256 `tiny` config shrunk like `micro_config` (32 px from 16 px)."""
+  from configs import imagen_sr256  # pylint: disable=import-outside-toplevel
+  c = imagen_sr256.get_config("tiny")
+  c.model.base_channels = 8
+  c.model.num_res_blocks = (1, 1)
+  c.text.num_layers = 1
+  c.text.max_length = 8
+  c.train.batch_size = 8
+  c.optimizer.warmup_steps = 0
+  return c
+
+
+def random_batch(sec, seed: int = 0):
+  """A random host batch matching `batch_spec` of the typed config `sec`."""
+  from suti_jax.data import input as input_lib  # pylint: disable=import-outside-toplevel
+  from suti_jax.train import experiment  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  spec = input_lib.batch_spec(sec.model.image_size, sec.text.max_length,
+                              experiment.max_exemplars(sec), sec.train.batch_size)
+  out = {}
+  for k, s in spec.items():
+    if s.dtype == np.float32:
+      out[k] = rng.uniform(-1, 1, s.shape).astype(np.float32)
+    elif s.dtype == np.int32:
+      out[k] = rng.integers(3, 200, s.shape).astype(np.int32)
+    else:
+      out[k] = np.ones(s.shape, bool)
+  return out
+
+
+def compile_on(exp, mesh):
+  """(abstract state, state shardings, compiled step) of `exp` on `mesh`."""
+  from suti_jax.train import experiment  # pylint: disable=import-outside-toplevel
+  from suti_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  abstract, shardings, batch = experiment.sharded_shapes(exp, mesh)
+  return abstract, shardings, step_lib.compile_train_step(exp.step_fn, abstract, batch, mesh,
+                                                         exp.sec.rules)

@@ -15,8 +15,8 @@ from suti_jax.data import synthetic
 from suti_jax.data.synthetic import subjects as subjects_lib
 from suti_jax.experts import dreambooth
 
-# Held-out subjects are drawn above every seed the web (< 1e6) or the judges
-# (seed * 1e5 + a few hundred) can use, and are still checked against both.
+# Held-out subjects are drawn above every seed the web (< 1e6) uses, and are
+# still checked against the web's subjects and the judges' seed block.
 _HELDOUT_FIRST_SEED = 2_000_000
 
 
@@ -62,10 +62,13 @@ def web_subject_ids(pairs: Iterable[synthetic.WebPair]) -> set[str]:
   return {p.true_subject_id for p in pairs if p.true_subject_id}
 
 
-def judge_subject_ids(judge_seed: int, num_subjects: int, num_heldout: int) -> set[str]:
-  """Subjects `judges.train_judges(seed=judge_seed, ...)` renders (train + its held-out)."""
-  first = judge_seed * 10**5
-  return {subjects_lib.subject_id_for(s) for s in range(first, first + num_subjects + num_heldout)}
+def in_judge_block(seed: int, judge_seed: int) -> bool:
+  """Whether `judges.train_judges(seed=judge_seed)` may render subject `seed`.
+
+  The judges draw their training, calibration and held-out subjects from the
+  block [judge_seed * 1e5, + 1e5); the whole block is kept out of evaluation.
+  """
+  return judge_seed * 10**5 <= seed < (judge_seed + 1) * 10**5
 
 
 def description(subject: synthetic.Subject) -> str:
@@ -75,11 +78,22 @@ def description(subject: synthetic.Subject) -> str:
   return f"{head} {subject.class_noun}"
 
 
-def heldout_subject_seeds(num_subjects: int, excluded_ids: set[str]) -> list[int]:
-  """`num_subjects` subject seeds none of whose ids is in `excluded_ids`."""
+def heldout_subject_seeds(num_subjects: int, excluded_ids: set[str],
+                          judge_seed: int) -> list[int]:
+  """Subject seeds that are not in `excluded_ids` nor in the judges' block.
+
+  Args:
+    num_subjects: how many.
+    excluded_ids: subject ids seen in training (e.g. `web_subject_ids`).
+    judge_seed: the judges' `train_judges(seed=...)`.
+
+  Returns:
+    `num_subjects` seeds.
+  """
   seeds, seed = [], _HELDOUT_FIRST_SEED
   while len(seeds) < num_subjects:
-    if subjects_lib.subject_id_for(seed) not in excluded_ids:
+    if (subjects_lib.subject_id_for(seed) not in excluded_ids
+        and not in_judge_block(seed, judge_seed)):
       seeds.append(seed)
     seed += 1
   return seeds

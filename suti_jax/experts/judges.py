@@ -25,11 +25,10 @@ from suti_jax.data import synthetic
 from suti_jax.data.synthetic import scene as scene_lib
 from suti_jax.data.synthetic import subjects as subjects_lib
 
-# CosFace (Wang et al. 2018): scale and additive margin of the cosine classifier that
-# trains the subject embedding; a margin makes cosine thresholds transfer to unseen
-# subjects better than a plain softmax does.
-_COSINE_SCALE = 16.0
-_COSINE_MARGIN = 0.2
+# Supervised contrastive loss (Khosla et al. 2020) temperature for the subject
+# embedding; a contrastive loss over many subjects transfers to unseen subjects
+# better than a classifier over a few.
+_TEMPERATURE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,23 +79,14 @@ class ImageEncoder(nn.Module):
 
 
 class _SubjectNet(nn.Module):
-  """Encoder + cosine classifier over the training subjects."""
+  """Position-invariant encoder -> unit-norm subject embedding."""
 
   config: JudgeConfig
-  num_subjects: int
 
-  def setup(self):
-    self.encoder = ImageEncoder(self.config, pool=True)
-    self.centers = self.param("centers", nn.initializers.normal(1.0),
-                              (self.num_subjects, self.config.embed_dim))
-
-  def embed(self, images: jax.Array) -> jax.Array:
-    emb = self.encoder(images)
-    return emb / (jnp.linalg.norm(emb, axis=-1, keepdims=True) + 1e-6)
-
+  @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    centers = self.centers / jnp.linalg.norm(self.centers, axis=-1, keepdims=True)
-    return self.embed(images) @ centers.T  # Cosines [B, num_subjects].
+    emb = ImageEncoder(self.config, pool=True)(images)
+    return emb / (jnp.linalg.norm(emb, axis=-1, keepdims=True) + 1e-6)
 
 
 class _AttributeNet(nn.Module):
@@ -144,16 +134,13 @@ class SubjectJudge:
       (calibrated on the training subjects).
   """
 
-  def __init__(self, config: JudgeConfig, num_subjects: int, params: Any,
-               threshold: float):
+  def __init__(self, config: JudgeConfig, params: Any, threshold: float):
     self.config = config
-    self.num_subjects = num_subjects
     self.params = params
     self.threshold = threshold
-    net = _SubjectNet(config, num_subjects)
+    net = _SubjectNet(config)
     self._embed = jax.jit(
-        lambda p, x: net.apply({"params": p}, _to_model_input(x, config.image_size),
-                               method=_SubjectNet.embed))
+        lambda p, x: net.apply({"params": p}, _to_model_input(x, config.image_size)))
 
   def embed(self, images: np.ndarray) -> np.ndarray:
     """Unit-norm embeddings.
@@ -209,15 +196,14 @@ class SubjectJudge:
   def save(self, path: str) -> None:
     """Writes `config.json` and `params.msgpack` under directory `path`."""
     _save(path, dict(kind="subject", judge=dataclasses.asdict(self.config),
-                     num_subjects=self.num_subjects, threshold=self.threshold),
+                     threshold=self.threshold),
           self.params)
 
   @classmethod
   def load(cls, path: str) -> SubjectJudge:
     """Reads a judge written by `save`."""
     config, params = _load(path)
-    return cls(_judge_config(config["judge"]), config["num_subjects"], params,
-               config["threshold"])
+    return cls(_judge_config(config["judge"]), params, config["threshold"])
 
 
 class TextJudge:
@@ -300,8 +286,9 @@ _ABSENT = "absent"
 _PART_VALUES = tuple(subjects_lib.COLOURS) + (_ABSENT,)
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     **_SCENE_FIELDS, **{f"colour_{role}": _PART_VALUES for role in subjects_lib.PART_ROLES}}
-# Styles after which part colours can not be read off the image.
-_COLOURLESS_STYLES = ("grayscale", "sepia")
+# Styles after which part colours can not (or, for 1 px outlines, barely) be read
+# off the image: colour heads do not train on them.
+_COLOURLESS_STYLES = ("grayscale", "sepia", "outline")
 _DEFAULT_SCENE = synthetic.Scene()
 
 
@@ -389,11 +376,15 @@ def _render_set(subject_seeds: Sequence[int], scenes_per_subject: int, image_siz
 def _losses(params: dict[str, Any], images: jax.Array, subject_ids: jax.Array,
             labels: jax.Array, weights: jax.Array, subject_net: _SubjectNet,
             attribute_net: _AttributeNet) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """CosFace loss of the subject net + weighted CE of every attribute head."""
-  cosines = subject_net.apply({"params": params["subject"]}, images)
-  onehot = jax.nn.one_hot(subject_ids, cosines.shape[-1])
-  subject_loss = optax.softmax_cross_entropy(
-      _COSINE_SCALE * (cosines - _COSINE_MARGIN * onehot), onehot).mean()
+  """Supervised contrastive loss of the subject net + weighted CE of every head."""
+  emb = subject_net.apply({"params": params["subject"]}, images)
+  n = emb.shape[0]
+  not_self = ~jnp.eye(n, dtype=bool)
+  logits = jnp.where(not_self, emb @ emb.T / _TEMPERATURE, -jnp.inf)
+  positive = (subject_ids[:, None] == subject_ids[None, :]) & not_self
+  log_prob = jax.nn.log_softmax(logits, axis=-1)
+  subject_loss = -jnp.mean(jnp.sum(jnp.where(positive, log_prob, 0.0), -1)
+                           / jnp.maximum(positive.sum(-1), 1))
   heads = attribute_net.apply({"params": params["text"]}, images)
   ce = jnp.stack([optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, i])
                   for i, logits in enumerate(heads)], axis=1)
@@ -401,24 +392,26 @@ def _losses(params: dict[str, Any], images: jax.Array, subject_ids: jax.Array,
   return subject_loss + text_loss, {"subject_loss": subject_loss, "text_loss": text_loss}
 
 
-def train_judges(image_size: int = 32, num_subjects: int = 48, steps: int = 600,
-                 seed: int = 0, *, scenes_per_subject: int = 24,
-                 num_heldout_subjects: int = 16, batch_size: int = 64,
+def train_judges(image_size: int = 32, num_subjects: int = 200, steps: int = 500,
+                 seed: int = 0, *, scenes_per_subject: int = 6,
+                 num_heldout_subjects: int = 24, batch_size: int = 64,
                  learning_rate: float = 2e-3
                  ) -> tuple[SubjectJudge, TextJudge, dict[str, float]]:
   """Trains both judges on renders of random subjects under random scenes.
 
-  Training subjects are seeds [seed * 10**5, + num_subjects); held-out ones follow
-  them, so the report's accuracies are on subjects the judges never saw.
+  Subject seeds: training [seed * 10**5, + num_subjects), then as many calibration
+  subjects (they set the same-subject threshold), then the held-out subjects of
+  the report, which neither training nor calibration saw.
 
   Args:
     image_size: render and judge resolution, px.
-    num_subjects: training subjects (the subject judge's classes).
+    num_subjects: training subjects.
     steps: Adam steps (both judges train in the same jitted step).
     seed: seeds the subjects, scenes and init.
-    scenes_per_subject: training renders per subject.
-    num_heldout_subjects: evaluation subjects (8 renders each).
-    batch_size: images per step.
+    scenes_per_subject: training renders per subject (>= 2).
+    num_heldout_subjects: evaluation subjects, 8 renders each; also the number of
+      calibration subjects.
+    batch_size: images per step: batch_size / 2 subjects, two renders each.
     learning_rate: Adam step size (cosine-decayed to 0).
 
   Returns:
@@ -433,12 +426,14 @@ def train_judges(image_size: int = 32, num_subjects: int = 48, steps: int = 600,
   rng = np.random.default_rng([seed, 0x7D6E])
   first = seed * 10**5
   train = _render_set(range(first, first + num_subjects), scenes_per_subject, image_size, rng)
-  heldout_seeds = range(first + num_subjects, first + num_subjects + num_heldout_subjects)
-  heldout = _render_set(heldout_seeds, 8, image_size, rng)
+  first += num_subjects
+  calibration = _render_set(range(first, first + num_heldout_subjects), 8, image_size, rng)
+  first += num_heldout_subjects
+  heldout = _render_set(range(first, first + num_heldout_subjects), 8, image_size, rng)
   render_s = time.time() - start
 
   config = JudgeConfig(image_size=image_size)
-  subject_net = _SubjectNet(config, num_subjects)
+  subject_net = _SubjectNet(config)
   attribute_net = _AttributeNet(config, tuple(len(v) for v in ATTRIBUTES.values()))
   dummy = jnp.zeros((1, image_size, image_size, 3))
   subject_key, text_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -455,8 +450,14 @@ def train_judges(image_size: int = 32, num_subjects: int = 48, steps: int = 600,
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 
+  m = scenes_per_subject
   for _ in range(steps):
-    idx = rng.integers(0, len(train.images), batch_size)
+    # Two different renders of each of batch_size / 2 subjects: every anchor has
+    # a positive, and every other subject in the batch is a negative.
+    subjects = rng.choice(num_subjects, batch_size // 2, replace=False)
+    first_scene = rng.integers(0, m, len(subjects))
+    second_scene = (first_scene + rng.integers(1, m, len(subjects))) % m
+    idx = np.concatenate([subjects * m + first_scene, subjects * m + second_scene])
     params, opt_state, _ = step_fn(params, opt_state, train.images[idx],
                                    train.subject_ids[idx], train.labels[idx],
                                    train.weights[idx])
@@ -464,11 +465,9 @@ def train_judges(image_size: int = 32, num_subjects: int = 48, steps: int = 600,
   train_s = time.time() - start - render_s
 
   params = jax.device_get(params)
-  calibration = rng.choice(len(train.images), min(512, len(train.images)), replace=False)
-  probe = SubjectJudge(config, num_subjects, params["subject"], threshold=0.0)
-  threshold = _best_threshold(probe.embed(train.images[calibration]),
-                              train.subject_ids[calibration])
-  subject_judge = SubjectJudge(config, num_subjects, params["subject"], threshold)
+  probe = SubjectJudge(config, params["subject"], threshold=0.0)
+  threshold = _best_threshold(probe.embed(calibration.images), calibration.subject_ids)
+  subject_judge = SubjectJudge(config, params["subject"], threshold)
   text_judge = TextJudge(config, {k: list(v) for k, v in ATTRIBUTES.items()},
                          params["text"])
   return subject_judge, text_judge, _report(subject_judge, text_judge, heldout, rng,

@@ -78,10 +78,12 @@ def encode_exemplars(spec: StageSpec, params: Any, text_params: Any,
   if images.shape[1:3] != (size, size):
     images = jax.image.resize(images, (images.shape[0], size, size, images.shape[-1]),
                               "linear", antialias=True)
-  emb = encode_text(spec, text_params, exemplars.text_ids[:k], exemplars.text_mask[:k])
+  mask = exemplars.mask[:k]
+  text_mask = exemplars.text_mask[:k] & mask[:, None]  # A padded slot has no caption.
+  emb = encode_text(spec, text_params, exemplars.text_ids[:k], text_mask)
   return unet_lib.UNet(spec.model).apply(
-      {"params": params}, images[None], emb[None], exemplars.text_mask[None, :k],
-      exemplars.mask[None, :k], method=unet_lib.UNet.encode_exemplars)
+      {"params": params}, images[None], emb[None], text_mask[None], mask[None],
+      method=unet_lib.UNet.encode_exemplars)
 
 
 def batched_predictor(spec: StageSpec, params: Any, text_emb: Array, text_mask: Array,

@@ -368,6 +368,9 @@ def dummy_inputs(cfg: UNetConfig, batch_size: int, text_len: int) -> dict[str, A
 def init_params(cfg: UNetConfig, key: Array, text_len: int) -> dict[str, Any]:
   """Boxed variables ({'params': ...}) of `UNet(cfg)`; works under jax.eval_shape.
 
+  Bind the static arguments first (a config is not a pytree):
+  `jax.eval_shape(functools.partial(init_params, cfg, text_len=L), key)`.
+
   Args:
     cfg: the UNet config.
     key: PRNG key.

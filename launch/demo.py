@@ -1,0 +1,38 @@
+"""Runs the embedded-default demo end to end (`make demo`): parses flags and calls
+`suti_jax.demo.run`; a re-run skips finished stages and resumes an interrupted one.
+
+  python -m launch.demo [--workdir=workdirs/demo] [--config=configs/demo.py[:small]]
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py",
+                                          "The demo recipe, configs/demo.py[:small].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo",
+                               "Checkpoints, ICL groups, generated images and stage markers.")
+_REPORT_DIR = flags.DEFINE_string("report_dir", "reports/demo",
+                                  "Where REPORT.md, metrics.json and the grids go.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Imported here so that flag parsing needs no jax backend.
+  from suti_jax import demo
+
+  if not flags.FLAGS["verbosity"].present:
+    # The stages' progress bars say what is happening; library INFO logs would bury them.
+    logging.set_verbosity(logging.WARNING)
+
+  demo.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value)
+  print(f"report: {_REPORT_DIR.value}/REPORT.md", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,72 @@
+"""Prints (or writes) the train state's sharding table for a config and mesh:
+path -> shape, dtype, PartitionSpec, bytes per device. Shapes only, no allocation.
+
+  python -m launch.sharding_dump --config=configs/imagen_base64.py:tiny --mesh=2,2,2
+  python -m launch.sharding_dump --config=configs/suti_base64.py:tiny --mesh=2,2,2 \
+      --out=tests/golden/sharding_suti_base64_tiny_2x2x2.json   # refresh a golden file
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=True)
+_MESH = flags.DEFINE_list("mesh", ["2", "2", "2"], "data,fsdp,tensor sizes (ICI, one slice).")
+_OUT = flags.DEFINE_string("out", "", "Write the JSON here instead of printing it.")
+
+
+def dump(config: Any, mesh_sizes: Sequence[int]) -> dict[str, dict[str, Any]]:
+  """The sharding table of the whole TrainState of `config` on a local mesh.
+
+  Args:
+    config: a configs/*.py ConfigDict.
+    mesh_sizes: (data, fsdp, tensor); their product must be the device count.
+
+  Returns:
+    path -> {shape, dtype, spec, per_device_bytes}.
+  """
+  from suti_jax.config import MeshConfig
+  from suti_jax.parallel import mesh as mesh_lib
+  from suti_jax.parallel import sharding as sharding_lib
+  from suti_jax.train import experiment
+
+  sec = experiment.sections(config)
+  data, fsdp, tensor = mesh_sizes
+  mesh = mesh_lib.make_mesh(MeshConfig(ici_data=data, ici_fsdp=fsdp, ici_tensor=tensor))
+  abstract, _, _ = experiment.sharded_shapes(experiment.build(sec), mesh)
+  return sharding_lib.sharding_table(abstract)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  sizes = [int(s) for s in _MESH.value]
+  table = dump(_CONFIG.value, sizes)
+  # One entry per line keeps golden-file diffs readable.
+  text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+                             for k, v in sorted(table.items())) + "\n}"
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+  else:
+    print(text)
+
+
+def _force_cpu_devices(count: int) -> None:
+  """Enough virtual CPU devices for the mesh; must run before jax is imported."""
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={count}").strip()
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  flags.FLAGS(sys.argv, known_only=True)
+  _force_cpu_devices(math.prod(int(s) for s in _MESH.value))
+  app.run(main)

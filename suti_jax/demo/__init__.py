@@ -1,0 +1,265 @@
+"""The embedded-default demo (`make demo`): the whole SuTI recipe on the synthetic world,
+as resumable stages, ending in reports/demo/REPORT.md; `run` is the entry point.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from data_pipeline import build_icl_groups
+from data_pipeline import read as pipeline_read
+from suti_jax.demo import evaluate
+from suti_jax.demo import report
+from suti_jax.demo import world as world_lib
+from suti_jax.demo.stages import Stage, StageRunner
+from suti_jax.experts import dreambooth
+from suti_jax.experts import judges as judges_lib
+from suti_jax.inference import load_stage
+from suti_jax.train import loop
+
+
+class Preempted(RuntimeError):
+  """A training stage stopped early (SIGTERM); re-running resumes it."""
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, source: Any = None) -> dict[str, Any]:
+  result = loop.run(cfg, workdir, input_source=source)
+  if result.get("preempted"):
+    raise Preempted(f"training in {workdir} was preempted at step {result['step']:.0f}; "
+                    "run the demo again to resume")
+  return {"paths": {"checkpoints": os.path.join(workdir, "checkpoints")},
+          "final": {k: v for k, v in result.items() if k.startswith(("train/", "step"))}}
+
+
+class Demo:
+  """The demo's stages over one config, workdir and report folder."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str):
+    self.cfg = config
+    self.workdir = os.path.abspath(workdir)
+    self.report_dir = os.path.abspath(report_dir)
+    self._web = None
+    self._eval_set = None
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  # World.
+  @property
+  def web(self):
+    if self._web is None:
+      w = self.cfg.world
+      self._web = world_lib.make_web(w.num_clusters, self.cfg.seed, w.web_size_px)
+    return self._web
+
+  @property
+  def eval_set(self) -> list[world_lib.EvalSubject]:
+    if self._eval_set is None:
+      w = self.cfg.world
+      seeds = world_lib.heldout_subject_seeds(
+          w.num_heldout_subjects, world_lib.web_subject_ids(self.web), self.cfg.judges.seed)
+      self._eval_set = world_lib.make_eval_set(
+          seeds, image_size=w.image_size, min_exemplars=w.min_exemplars,
+          max_exemplars=w.max_exemplars, prompts_per_skill=w.prompts_per_skill,
+          identifier=self.expert_config().identifier)
+    return self._eval_set
+
+  def expert_config(self) -> dreambooth.ExpertConfig:
+    return dreambooth.ExpertConfig(**self.cfg.experts.to_dict())
+
+  def write_web(self) -> dict[str, Any]:
+    jsonl = pipeline_read.write_jsonl_input(self.web, self.path("web"))
+    heldout = [s.subject_id for s in self.eval_set]
+    train = sorted(world_lib.web_subject_ids(self.web))
+    if set(heldout) & set(train):
+      raise AssertionError(f"held-out subjects in the training web: {set(heldout) & set(train)}")
+    with open(self.path("web", "split.json"), "w") as f:
+      json.dump({"train_subjects": train, "heldout_subjects": heldout}, f, indent=1)
+    return {"paths": {"jsonl": jsonl, "split": self.path("web", "split.json")},
+            "pairs": len(self.web), "train_subjects": len(train), "heldout_subjects": heldout}
+
+  def caption_source(self) -> list[tuple[np.ndarray, str]]:
+    return [(p.image, p.caption) for p in self.web]
+
+  # Training.
+  def train_base(self) -> dict[str, Any]:
+    return _train(self.cfg.base, self.path("base"), self.caption_source())
+
+  def train_sr(self) -> dict[str, Any]:
+    return _train(self.cfg.sr, self.path("sr"), self.caption_source())
+
+  def train_judges(self) -> dict[str, Any]:
+    j = self.cfg.judges
+    subject, text, scores = judges_lib.train_judges(
+        j.image_size, j.num_subjects, j.steps, j.seed, scenes_per_subject=j.scenes_per_subject,
+        num_heldout_subjects=j.num_heldout_subjects, batch_size=j.batch_size)
+    subject.save(self.path("judges", "subject"))
+    text.save(self.path("judges", "text"))
+    return {"paths": {"subject": self.path("judges", "subject"),
+                      "text": self.path("judges", "text")}, "report": scores}
+
+  def build_groups(self, version: str, renderer: str) -> dict[str, Any]:
+    p = self.cfg.pipeline
+    output = self.path(f"icl_{version}")
+    argv = [f"--input={self.path('web', 'web.jsonl')}", f"--output={output}",
+            f"--renderer={renderer}", f"--num_shards={p.num_shards}", f"--seed={self.cfg.seed}",
+            f"--prompts_per_cluster={p.prompts_per_cluster}",
+            f"--subject_scorer=judge:{self.path('judges', 'subject')}",
+            f"--text_scorer=judge:{self.path('judges', 'text')}",
+            f"--min_subject_score={p.min_subject_score}", f"--min_text_score={p.min_text_score}",
+            "--runner=DirectRunner"]
+    if renderer == "expert":
+      # JSON kwargs of suti_jax.experts.renderer.ExpertTargetRenderer.
+      options = {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict()}
+      argv.append(f"--renderer_options={json.dumps(options)}")
+    summary = build_icl_groups.run(argv)
+    if not summary["groups_written"]:
+      raise RuntimeError(f"the {renderer} pipeline wrote no ICL groups; see "
+                         f"{output}/summary.json for the drops")
+    return {"paths": {"summary": os.path.join(output, "summary.json")},
+            "groups_written": summary["groups_written"], "drops": summary["drops"]}
+
+  def train_suti(self, version: str) -> dict[str, Any]:
+    cfg = copy.deepcopy(self.cfg.suti)
+    cfg.init_from = self.path("base", "checkpoints")
+    cfg.data.pattern = self.path(f"icl_{version}", "icl-*")
+    return _train(cfg, self.path(f"suti_{version}"))
+
+  # Evaluation.
+  def generate(self, method: str) -> dict[str, Any]:
+    key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), evaluate.METHODS.index(method))
+    steps = self.cfg.eval.sampling_steps
+    if method in ("suti_v2", "suti_v1"):
+      out = evaluate.suti(load_stage(self.path(method)), self.eval_set, key, steps)
+    elif method == "text_only":
+      out = evaluate.text_only(load_stage(self.path("base")), self.eval_set, key, steps)
+    else:
+      out = evaluate.dreambooth_experts(load_stage(self.path("base")), self.eval_set,
+                                        self.expert_config(), key, steps)
+    path = self.path("eval", f"{method}.npz")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, images=out.images, seconds=np.float64(out.seconds_per_subject or np.nan))
+    return {"paths": {"images": path}, "seconds_per_subject": out.seconds_per_subject}
+
+  def generated(self) -> dict[str, evaluate.Generated]:
+    out = {"copy_exemplar": evaluate.copy_nearest_exemplar(self.eval_set),
+           "ground_truth": evaluate.ground_truth(self.eval_set)}
+    for method in ("suti_v2", "suti_v1", "dreambooth", "text_only"):
+      data = np.load(self.path("eval", f"{method}.npz"))
+      seconds = float(data["seconds"])
+      out[method] = evaluate.Generated(data["images"], None if np.isnan(seconds) else seconds)
+    return out
+
+  def evaluate(self) -> dict[str, Any]:
+    subject_judge = judges_lib.SubjectJudge.load(self.path("judges", "subject"))
+    text_judge = judges_lib.TextJudge.load(self.path("judges", "text"))
+    generated = self.generated()
+    per_prompt = {m: evaluate.score(generated[m].images, self.eval_set, subject_judge,
+                                    text_judge) for m in evaluate.METHODS}
+    metrics = evaluate.aggregate(per_prompt, self.eval_set)
+    metrics["personalization_s"] = {m: g.seconds_per_subject for m, g in generated.items()
+                                    if g.seconds_per_subject is not None}
+    path = self.path("eval", "metrics.json")
+    with open(path, "w") as f:
+      json.dump(metrics, f, indent=1, sort_keys=True)
+    return {"paths": {"metrics": path}}
+
+  def _marker(self, name: str) -> dict[str, Any]:
+    with open(StageRunner(self.workdir).marker_path(name)) as f:
+      return json.load(f)
+
+  def write_report(self) -> dict[str, Any]:
+    with open(self.path("eval", "metrics.json")) as f:
+      metrics = json.load(f)
+    prompts = evaluate.flat_prompts(self.eval_set)
+    metrics.update(
+        judges=self._marker("train_judges")["outputs"]["report"],
+        data={f"ICL {v}": {k: self._marker(f"icl_{v}")["outputs"][k]
+                           for k in ("groups_written", "drops")} for v in ("v2", "v1")},
+        stages={name: self._marker(name)["wall_s"] for name in self.stage_names()
+                if name != "report"},
+        eval_set={"num_subjects": len(self.eval_set), "num_prompts": len(prompts),
+                  "subjects": [s.subject_id for s in self.eval_set]},
+        training={name: self._marker(name)["outputs"]["final"]
+                  for name in ("train_base", "train_sr", "train_suti_v2", "train_suti_v1")},
+        scale=self.scale())
+    generated = self.generated()
+    grids, start = [], 0
+    for subject in self.eval_set:
+      rows = range(start, start + len(subject.prompts))
+      start += len(subject.prompts)
+      if len(grids) < self.cfg.eval.num_grid_subjects:
+        cells = [[generated[m].images[r] for m in report.GRID_METHODS] for r in rows]
+        image = report.grid_image(subject.exemplar_images, cells, self.cfg.world.max_exemplars)
+        grids.append((subject.subject_id, image, [prompts[r].prompt for r in rows]))
+    paths = report.write(self.report_dir, metrics, grids)
+    return {"paths": paths}
+
+  def scale(self) -> str:
+    c = self.cfg
+    return (f"{c.world.num_clusters} web clusters ({len(self.web)} pairs); base "
+            f"{c.base.model.image_size} px x {c.base.train.total_steps} steps (batch "
+            f"{c.base.train.batch_size}), SR {c.sr.model.low_res_size}->{c.sr.model.image_size} "
+            f"px x {c.sr.train.total_steps}, SuTI x {c.suti.train.total_steps} steps (batch "
+            f"{c.suti.train.batch_size}) each, experts {c.experts.num_steps} steps, judges "
+            f"{c.judges.steps} steps, {c.eval.sampling_steps} sampling steps.")
+
+  # The recipe.
+  def stages(self) -> list[Stage]:
+    """The stages in order, each fingerprinted by its config and its inputs' fingerprints."""
+    c = self.cfg.to_dict()
+    world = {"seed": c["seed"], "world": c["world"], "judge_seed": c["judges"]["seed"],
+             "identifier": self.expert_config().identifier}
+    steps = c["eval"]["sampling_steps"]
+    specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
+        ("web", self.write_web, world, ()),
+        ("train_base", self.train_base, c["base"], ("web",)),
+        ("train_sr", self.train_sr, c["sr"], ("web",)),
+        ("train_judges", self.train_judges, c["judges"], ()),
+        ("icl_v2", lambda: self.build_groups("v2", "expert"), [c["pipeline"], c["experts"]],
+         ("web", "train_base", "train_judges")),
+        ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), c["pipeline"],
+         ("web", "train_judges")),
+        ("train_suti_v2", lambda: self.train_suti("v2"), c["suti"], ("train_base", "icl_v2")),
+        ("train_suti_v1", lambda: self.train_suti("v1"), c["suti"], ("train_base", "icl_v1")),
+        ("generate_suti_v2", lambda: self.generate("suti_v2"), steps, ("train_suti_v2",)),
+        ("generate_suti_v1", lambda: self.generate("suti_v1"), steps, ("train_suti_v1",)),
+        ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, c["experts"]],
+         ("train_base",)),
+        ("generate_text_only", lambda: self.generate("text_only"), steps, ("train_base",)),
+        ("evaluate", self.evaluate, None,
+         ("train_judges", "generate_suti_v2", "generate_suti_v1", "generate_dreambooth",
+          "generate_text_only")),
+        ("report", self.write_report, [self.report_dir, c["eval"]], ("evaluate",)),
+    ]
+    fingerprints, out = {}, []
+    for name, fn, own, deps in specs:
+      fingerprints[name] = [own, [fingerprints[d] for d in deps], world]
+      out.append(Stage(name, fn, fingerprints[name]))
+    return out
+
+  def stage_names(self) -> list[str]:
+    return [s.name for s in self.stages()]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        report_dir: str = "reports/demo") -> dict[str, dict[str, Any]]:
+  """Runs (or resumes) the demo.
+
+  Args:
+    config: `configs/demo.py` config.
+    workdir: intermediate outputs, checkpoints and done-markers.
+    report_dir: where REPORT.md, metrics.json and the grids go.
+
+  Returns:
+    stage name -> marker (outputs, wall_s, skipped).
+  """
+  demo = Demo(config, workdir, report_dir)
+  return StageRunner(demo.workdir).run(demo.stages())

@@ -1,0 +1,204 @@
+"""Held-out evaluation of the demo: the methods' images (SuTI, DreamBooth experts, the
+text-only model, copy-the-nearest-exemplar, ground truth) and their judge and
+ground-truth metrics, overall and per skill, with personalisation wall times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from data_pipeline import prompt_writer
+from suti_jax.data import synthetic
+from suti_jax.demo import world as world_lib
+from suti_jax.experts import dreambooth
+from suti_jax.experts import judges as judges_lib
+from suti_jax.inference import Pipeline, StageModel
+from suti_jax.models.text import TextEncoder, build_tokenizer
+
+# Methods in report order; the last two need no model.
+METHODS = ("suti_v2", "suti_v1", "dreambooth", "text_only", "copy_exemplar", "ground_truth")
+METHOD_LABELS = {
+    "suti_v2": "SuTI v2 (expert targets)",
+    "suti_v1": "SuTI v1 (same-cluster targets)",
+    "dreambooth": "DreamBooth expert per subject",
+    "text_only": "text-only base (class noun)",
+    "copy_exemplar": "copy nearest exemplar",
+    "ground_truth": "ground truth",
+}
+# name -> (label, higher is better; None = neither).
+METRICS = {
+    "subject_fidelity": ("subject fidelity (judge cosine)", True),
+    "subject_match": ("same-subject rate (judge)", True),
+    "text_fidelity": ("text fidelity (judge)", True),
+    "pixel_mse": ("pixel MSE to truth", False),
+    "embed_distance": ("subject-embedding distance to truth", False),
+    # Low = the image is close to one of the exemplars: how much a method copies.
+    "nearest_exemplar_mse": ("pixel MSE to nearest exemplar", None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  """One method's images for every eval prompt, in eval-set order.
+
+  Attributes:
+    images: uint8 [N, H, W, 3].
+    seconds_per_subject: personalisation wall time per subject (compile
+      excluded), or None for methods that do not personalise.
+  """
+
+  images: np.ndarray
+  seconds_per_subject: float | None = None
+
+
+def flat_prompts(eval_set: Sequence[world_lib.EvalSubject]) -> list[world_lib.EvalPrompt]:
+  """Every prompt of every subject, subject-major (the row order of all arrays)."""
+  return [p for s in eval_set for p in s.prompts]
+
+
+def ground_truth(eval_set: Sequence[world_lib.EvalSubject]) -> Generated:
+  return Generated(np.stack([p.target for p in flat_prompts(eval_set)]))
+
+
+def copy_nearest_exemplar(eval_set: Sequence[world_lib.EvalSubject]) -> Generated:
+  """Per prompt, the exemplar whose caption shares most content words with it.
+
+  The choice reads only the texts, never the judges or the ground truth, so it
+  is what a model that learned to copy could do at best without editing.
+  """
+  images = []
+  for subject in eval_set:
+    for p in subject.prompts:
+      sims = [prompt_writer.caption_similarity(p.prompt, c, subject.description)
+              for c in subject.exemplar_captions]
+      images.append(subject.exemplar_images[int(np.argmax(sims))])
+  return Generated(np.stack(images))
+
+
+def text_only(base: StageModel, eval_set: Sequence[world_lib.EvalSubject], key: jax.Array,
+              num_steps: int) -> Generated:
+  """The base model on the class-noun prompts: what text alone gets you."""
+  pipeline = Pipeline([base])
+  prompts = [p.class_prompt for p in flat_prompts(eval_set)]
+  return Generated(pipeline.text_to_image(prompts, 1, key, num_steps=num_steps))
+
+
+def suti(stage: StageModel, eval_set: Sequence[world_lib.EvalSubject], key: jax.Array,
+         num_steps: int) -> Generated:
+  """SuTI in context: exemplars + prompt -> image, no fine-tuning.
+
+  One untimed call compiles first; each subject's time covers all its prompts.
+  """
+  pipeline = Pipeline([stage])
+  first = eval_set[0]
+  pipeline.personalize(first.exemplar_images, first.exemplar_captions, first.prompts[0].prompt,
+                       1, key, num_steps=num_steps)
+  images, seconds = [], []
+  for s, subject in enumerate(eval_set):
+    start = time.time()
+    for i, p in enumerate(subject.prompts):
+      images.append(pipeline.personalize(
+          subject.exemplar_images, subject.exemplar_captions, p.prompt, 1,
+          jax.random.fold_in(key, s * 1000 + i), num_steps=num_steps)[0])
+    seconds.append(time.time() - start)
+  return Generated(np.stack(images), float(np.mean(seconds)))
+
+
+def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubject],
+                       expert_cfg: dreambooth.ExpertConfig, key: jax.Array,
+                       num_steps: int) -> Generated:
+  """One DreamBooth expert per held-out subject, then its identifier prompts.
+
+  A one-step fine-tune of the same subjects compiles everything first (untimed);
+  experts train vmapped in chunks, so the per-subject fine-tune time is the
+  timed run's wall time divided by the number of subjects.
+  """
+  spec = base.spec
+  encoder = TextEncoder(spec.text, build_tokenizer(spec.text), base.text_params)
+  subjects = [(s.exemplar_images, s.class_noun) for s in eval_set]
+  sampling = dataclasses.replace(spec.sampling, num_steps=num_steps)
+  common = dict(text_encoder=encoder, unet_cfg=spec.model, diffusion_cfg=spec.diffusion)
+  warm = dreambooth.finetune_experts(base.params, encoder, spec.model, spec.diffusion,
+                                     subjects, dataclasses.replace(expert_cfg, num_steps=1),
+                                     key)
+  dreambooth.render(warm[0], [p.expert_prompt for p in eval_set[0].prompts], key, sampling,
+                    **common)
+  start = time.time()
+  experts = dreambooth.finetune_experts(base.params, encoder, spec.model, spec.diffusion,
+                                        subjects, expert_cfg, key)
+  jax.block_until_ready(experts)
+  finetune_s = (time.time() - start) / len(eval_set)
+  images, render_s = [], []
+  for s, (subject, expert) in enumerate(zip(eval_set, experts)):
+    start = time.time()
+    images.append(dreambooth.render(expert, [p.expert_prompt for p in subject.prompts],
+                                    jax.random.fold_in(key, s), sampling, **common))
+    render_s.append(time.time() - start)
+  return Generated(np.concatenate(images), finetune_s + float(np.mean(render_s)))
+
+
+def score(images: np.ndarray, eval_set: Sequence[world_lib.EvalSubject],
+          subject_judge: judges_lib.SubjectJudge,
+          text_judge: judges_lib.TextJudge) -> dict[str, np.ndarray]:
+  """Per-prompt metrics of one method.
+
+  Args:
+    images: uint8 [N, H, W, 3] in `flat_prompts` order.
+    eval_set: the held-out subjects.
+    subject_judge / text_judge: the trained judges.
+
+  Returns:
+    metric name (`METRICS`) -> float32 [N].
+  """
+  prompts = flat_prompts(eval_set)
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+  targets = np.stack([p.target for p in prompts])
+  pixels = images.astype(np.float32) / 255.0
+  subject, copy_mse = [], []
+  start = 0
+  for s in eval_set:
+    rows = slice(start, start + len(s.prompts))
+    subject.append(subject_judge.score_batch(images[rows], s.exemplar_images))
+    exemplars = s.exemplar_images.astype(np.float32) / 255.0
+    mse = np.mean((pixels[rows, None] - exemplars[None]) ** 2, axis=(2, 3, 4))
+    copy_mse.append(mse.min(axis=1))
+    start += len(s.prompts)
+  subject_cos = np.concatenate(subject)
+  emb = subject_judge.embed(images)
+  emb_truth = subject_judge.embed(targets)
+  diff = pixels - targets.astype(np.float32) / 255.0
+  return {
+      "subject_fidelity": subject_cos.astype(np.float32),
+      "subject_match": (subject_cos >= subject_judge.threshold).astype(np.float32),
+      "text_fidelity": text_judge.score_batch(images, [p.prompt for p in prompts]),
+      "pixel_mse": np.mean(diff ** 2, axis=(1, 2, 3)).astype(np.float32),
+      "embed_distance": (1.0 - np.sum(emb * emb_truth, axis=-1)).astype(np.float32),
+      "nearest_exemplar_mse": np.concatenate(copy_mse).astype(np.float32),
+  }
+
+
+def aggregate(per_prompt: dict[str, dict[str, np.ndarray]],
+              eval_set: Sequence[world_lib.EvalSubject]) -> dict[str, Any]:
+  """Means per method, and per method and skill.
+
+  Args:
+    per_prompt: method -> `score(...)` output.
+    eval_set: the held-out subjects (for the prompts' skills).
+
+  Returns:
+    {'methods': {method: {metric: mean}}, 'per_skill': {method: {skill: {metric: mean}}}}.
+  """
+  skills = np.array([p.skill for p in flat_prompts(eval_set)])
+  methods, per_skill = {}, {}
+  for method, values in per_prompt.items():
+    methods[method] = {m: float(np.mean(v)) for m, v in values.items()}
+    per_skill[method] = {
+        skill: {m: float(np.mean(v[skills == skill])) for m, v in values.items()}
+        for skill in synthetic.SKILLS if np.any(skills == skill)}
+  return {"methods": methods, "per_skill": per_skill}

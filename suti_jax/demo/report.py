@@ -1,0 +1,211 @@
+"""The demo's outputs: REPORT.md (tables, timings and a paragraph read off the
+numbers), metrics.json, and PNG grids (exemplars | methods | ground truth per prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from suti_jax.data import synthetic
+from suti_jax.demo import evaluate
+
+# Methods shown in the grids, after the exemplar columns.
+GRID_METHODS = ("suti_v2", "suti_v1", "dreambooth", "text_only", "ground_truth")
+_GRID_SCALE = 4
+_GAP_PX = 2
+# Differences smaller than this are called ties in the paragraph.
+_TIE = 0.01
+CAVEAT = ("Read these numbers at their scale: UNets of about a hundred thousand parameters, "
+          "16 px images, minutes of CPU training, a few dozen held-out prompts. Differences of a "
+          "few hundredths are within the noise of one seed, and the judges' own held-out "
+          "accuracy (below) limits what the fidelity columns can tell apart. The paper's "
+          "ranking is a claim about Imagen-scale models; this report only says what happened "
+          "here.")
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
+
+
+def _arrow(metric: str) -> str:
+  better = evaluate.METRICS[metric][1]
+  return "" if better is None else (" (higher better)" if better else " (lower better)")
+
+
+def methods_table(methods: dict[str, dict[str, float]]) -> list[str]:
+  """Markdown rows: one per method present, one column per metric."""
+  metrics = list(evaluate.METRICS)
+  lines = ["| method | " + " | ".join(evaluate.METRICS[m][0] + _arrow(m) for m in metrics) + " |",
+           "|---" * (len(metrics) + 1) + "|"]
+  for method in evaluate.METHODS:
+    if method in methods:
+      values = [_fmt(methods[method].get(m)) for m in metrics]
+      lines.append(f"| {evaluate.METHOD_LABELS[method]} | " + " | ".join(values) + " |")
+  return lines
+
+
+def per_skill_table(per_skill: dict[str, dict[str, dict[str, float]]], metric: str) -> list[str]:
+  """Markdown rows of one metric: methods x skills."""
+  skills = sorted({s for by_skill in per_skill.values() for s in by_skill},
+                  key=synthetic.SKILLS.index)
+  lines = [f"| {evaluate.METRICS[metric][0]} | " + " | ".join(skills) + " |",
+           "|---" * (len(skills) + 1) + "|"]
+  for method in evaluate.METHODS:
+    if method in per_skill:
+      values = [_fmt(per_skill[method].get(s, {}).get(metric)) for s in skills]
+      lines.append(f"| {evaluate.METHOD_LABELS[method]} | " + " | ".join(values) + " |")
+  return lines
+
+
+def _compare(methods: dict[str, dict[str, float]], a: str, b: str, metric: str) -> str:
+  """'beats' / 'trails' / 'ties' of method a against b on a directional metric."""
+  higher_better = evaluate.METRICS[metric][1]
+  va, vb = methods[a][metric], methods[b][metric]
+  gain = (va - vb) if higher_better else (vb - va)
+  verdict = "ties" if abs(gain) < _TIE else ("beats" if gain > 0 else "does not beat")
+  return (f"{evaluate.METHOD_LABELS[a]} {verdict} {evaluate.METHOD_LABELS[b]} on "
+          f"{evaluate.METRICS[metric][0]} ({_fmt(va)} vs {_fmt(vb)})")
+
+
+def findings(metrics: dict[str, Any]) -> list[str]:
+  """Sentences read off the numbers (no claim the numbers do not support)."""
+  methods = metrics["methods"]
+  out = []
+  if "suti_v2" in methods:
+    for other in ("text_only", "copy_exemplar", "dreambooth", "suti_v1"):
+      if other in methods:
+        out.append("; ".join(_compare(methods, "suti_v2", other, m)
+                             for m in ("subject_fidelity", "text_fidelity", "pixel_mse")) + ".")
+  if {"suti_v1", "suti_v2"} <= set(methods):
+    v1 = methods["suti_v1"]["nearest_exemplar_mse"]
+    v2 = methods["suti_v2"]["nearest_exemplar_mse"]
+    copies = "closer to" if v1 < v2 else "not closer to"
+    out.append(f"Copying (the v1 finding): SuTI v1's images are {copies} an exemplar than "
+               f"v2's (pixel MSE to the nearest exemplar {_fmt(v1)} vs {_fmt(v2)}; "
+               f"copy-the-nearest-exemplar: "
+               f"{_fmt(methods.get('copy_exemplar', {}).get('nearest_exemplar_mse'))}).")
+  timing = metrics.get("personalization_s", {})
+  if timing.get("suti_v2") and timing.get("dreambooth"):
+    ratio = timing["dreambooth"] / timing["suti_v2"]
+    out.append(f"Personalisation per subject: SuTI {timing['suti_v2']:.1f} s vs DreamBooth "
+               f"{timing['dreambooth']:.1f} s (fine-tune + render), {ratio:.1f}x.")
+  truth = methods.get("ground_truth")
+  if truth:
+    out.append(f"The judges' ceiling (ground truth): subject fidelity "
+               f"{_fmt(truth['subject_fidelity'])}, same-subject rate "
+               f"{_fmt(truth['subject_match'])}, text fidelity {_fmt(truth['text_fidelity'])}.")
+  return out
+
+
+def _judges_lines(judges: dict[str, float]) -> list[str]:
+  keys = ("subject_pair_accuracy", "subject_threshold", "text_attribute_accuracy",
+          "text_score_matched", "text_score_mismatched")
+  lines = ["| judge metric (held-out subjects) | value |", "|---|---|"]
+  lines += [f"| {k} | {_fmt(judges[k])} |" for k in keys if k in judges]
+  return lines
+
+
+def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = ()) -> str:
+  """The whole REPORT.md.
+
+  Args:
+    metrics: as written to metrics.json: 'methods', 'per_skill', 'judges',
+      'personalization_s', 'stages' (name -> wall s), 'data' (ICL group counts),
+      'eval_set' (counts), 'scale' (a one-line description of the run).
+    grids: [{'path': relative PNG path, 'subject': id, 'prompts': [str]}].
+
+  Returns:
+    Markdown text.
+  """
+  eval_set = metrics.get("eval_set", {})
+  lines = ["# suti_jax demo report", "",
+           f"Scale: {metrics.get('scale', 'n/a')}", "",
+           f"Held-out evaluation: {eval_set.get('num_subjects', '?')} subjects never seen in "
+           f"any training, {eval_set.get('num_prompts', '?')} prompts over the five skills, "
+           "each with its exact ground-truth image. Images are compared at the base "
+           "resolution.", "", "## Headline: method x metric", ""]
+  lines += methods_table(metrics["methods"])
+  lines += ["", "## What the numbers show", ""]
+  lines += [f"- {s}" for s in findings(metrics)]
+  lines += ["", CAVEAT, "", "## Per skill", ""]
+  for metric in ("subject_fidelity", "text_fidelity", "pixel_mse"):
+    lines += per_skill_table(metrics["per_skill"], metric) + [""]
+  lines += ["## Judges", "", "Subject fidelity and text fidelity come from small CNN judges "
+            "trained on other synthetic subjects; their accuracy on held-out subjects bounds "
+            "what those columns can resolve.", ""]
+  lines += _judges_lines(metrics.get("judges", {}))
+  lines += ["", "## Training data (ICL groups)", "", "| set | groups written | drops |",
+            "|---|---|---|"]
+  for name, data in metrics.get("data", {}).items():
+    drops = ", ".join(f"{k}: {v}" for k, v in sorted(data.get("drops", {}).items())) or "none"
+    lines.append(f"| {name} | {data.get('groups_written', 'n/a')} | {drops} |")
+  lines += ["", "## Timings", "", "| personalisation per subject | seconds |", "|---|---|"]
+  for method, seconds in metrics.get("personalization_s", {}).items():
+    lines.append(f"| {evaluate.METHOD_LABELS.get(method, method)} | {_fmt(seconds)} |")
+  lines += ["", "| stage | wall s |", "|---|---|"]
+  lines += [f"| {name} | {seconds:.1f} |" for name, seconds in metrics.get("stages", {}).items()]
+  if grids:
+    lines += ["", "## Grids", "",
+              "Each row is one prompt. Columns: the exemplars (blank = no exemplar), then "
+              + " | ".join(evaluate.METHOD_LABELS[m] for m in GRID_METHODS) + ".", ""]
+    for grid in grids:
+      lines += [f"### {grid['subject']}", "", f"![{grid['subject']}]({grid['path']})", ""]
+      lines += [f"{i + 1}. {p}" for i, p in enumerate(grid["prompts"])] + [""]
+  return "\n".join(lines) + "\n"
+
+
+def grid_image(exemplars: np.ndarray, rows: Sequence[Sequence[np.ndarray]],
+               max_exemplars: int) -> np.ndarray:
+  """One subject's grid: per row the exemplars, then one image per method.
+
+  Args:
+    exemplars: uint8 [K, S, S, 3].
+    rows: per prompt, the methods' uint8 [S, S, 3] images.
+    max_exemplars: exemplar columns (missing ones stay blank).
+
+  Returns:
+    uint8 [rows * (S + gap), columns * (S + gap), 3], upscaled x4 (nearest).
+  """
+  size = exemplars.shape[1]
+  cell = size + _GAP_PX
+  columns = max_exemplars + 1 + len(rows[0])  # One blank column separates the groups.
+  grid = np.full((len(rows) * cell, columns * cell, 3), 255, np.uint8)
+  for r, images in enumerate(rows):
+    cells = list(exemplars) + [None] * (max_exemplars - len(exemplars)) + [None] + list(images)
+    for c, image in enumerate(cells):
+      if image is not None:
+        grid[r * cell:r * cell + size, c * cell:c * cell + size] = image
+  return np.repeat(np.repeat(grid, _GRID_SCALE, axis=0), _GRID_SCALE, axis=1)
+
+
+def write(report_dir: str, metrics: dict[str, Any],
+          grids: Sequence[tuple[str, np.ndarray, Sequence[str]]] = ()) -> dict[str, str]:
+  """Writes REPORT.md, metrics.json and the grid PNGs.
+
+  Args:
+    report_dir: output folder (created).
+    metrics: see `render_markdown`.
+    grids: (subject id, uint8 grid image, prompts of its rows) each.
+
+  Returns:
+    name -> path of everything written.
+  """
+  os.makedirs(report_dir, exist_ok=True)
+  paths, grid_entries = {}, []
+  for subject, image, prompts in grids:
+    name = f"grid_{subject}.png"
+    Image.fromarray(image).save(os.path.join(report_dir, name))
+    paths[name] = os.path.join(report_dir, name)
+    grid_entries.append({"path": name, "subject": subject, "prompts": list(prompts)})
+  paths["metrics.json"] = os.path.join(report_dir, "metrics.json")
+  with open(paths["metrics.json"], "w") as f:
+    json.dump(dict(metrics, grids=grid_entries), f, indent=1, sort_keys=True)
+  paths["REPORT.md"] = os.path.join(report_dir, "REPORT.md")
+  with open(paths["REPORT.md"], "w") as f:
+    f.write(render_markdown(metrics, grid_entries))
+  return paths

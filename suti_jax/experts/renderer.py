@@ -1,0 +1,167 @@
+"""`ExpertTargetRenderer`: the Beam pipeline's DreamBooth target renderer.
+
+Loads the base text-to-image model once per worker, fine-tunes one expert per
+cluster on the cluster's images and renders all of the cluster's prompts in a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from data_pipeline import interfaces
+from suti_jax.config import DiffusionConfig, SamplingConfig, UNetConfig
+from suti_jax.data import images as images_lib
+from suti_jax.experts import dreambooth
+from suti_jax.models import unet as unet_lib
+from suti_jax.models.text import TextEncoder, build_tokenizer, init_t5_params
+from suti_jax.train import checkpoint as checkpoint_lib
+from suti_jax.train import experiment as experiment_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+  """A trained text-to-image stage: what every expert starts from.
+
+  Attributes:
+    params: UNet params (boxed or not).
+    text_encoder: the frozen text encoder it was trained with.
+    unet_cfg / diffusion_cfg / sampling_cfg: the stage's configs.
+  """
+
+  params: Any
+  text_encoder: TextEncoder
+  unet_cfg: UNetConfig
+  diffusion_cfg: DiffusionConfig
+  sampling_cfg: SamplingConfig
+
+
+def load_base_model(workdir: str, *, use_ema: bool = True) -> BaseModel:
+  """Restores a trainer workdir's latest checkpoint (UNet and text params) on one device.
+
+  Args:
+    workdir: a `suti_jax.train.loop.run` workdir (checkpoints in `<workdir>/checkpoints`).
+    use_ema: take the EMA params (what the trainer samples with).
+
+  Returns:
+    The base model with the run's own configs.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(directory, item_names=checkpoint_lib.ITEMS,
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {directory!r}")
+  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  sec = experiment_lib.sections(ml_collections.ConfigDict(config["config"]))
+  key = jax.random.PRNGKey(0)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def abstract(init):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        nn.unbox(jax.eval_shape(init, key)))
+
+  field = "ema_params" if use_ema else "params"
+  target = {field: abstract(lambda k: unet_lib.init_params(sec.model, k, sec.text.max_length)
+                            ["params"]),
+            "text_params": abstract(lambda k: init_t5_params(sec.text, k))}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, partial_restore=True,
+      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target))))
+  manager.close()
+  state = restored["state"]
+  encoder = TextEncoder(sec.text, build_tokenizer(sec.text), state["text_params"])
+  return BaseModel(state[field], encoder, sec.model, sec.diffusion, sec.sampling)
+
+
+def class_noun_of(description: str) -> str:
+  """A consolidated description's class noun: its last word ('red and blue toy' -> 'toy')."""
+  words = description.strip().split()
+  return words[-1] if words else ""
+
+
+class ExpertTargetRenderer(interfaces.TargetRenderer):
+  """DreamBooth targets: one expert per cluster, fine-tuned on the cluster's images.
+
+  The expert's prompt for a target is the pipeline prompt with the cluster's
+  description (the subject phrase) replaced by 'sks <class noun>', the class
+  noun being the description's last word (`dreambooth.identifier_prompt`).
+  """
+
+  name = "expert"
+
+  def __init__(self, *, workdir: str = "", base: BaseModel | None = None,
+               expert_cfg: dreambooth.ExpertConfig | None = None,
+               sampling_cfg: SamplingConfig | None = None, max_images: int = 5):
+    """Configures the renderer; nothing is loaded before `setup`.
+
+    Args:
+      workdir: trainer workdir of the base text-to-image stage (`load_base_model`).
+      base: or the base model in memory (tests, the demo); exactly one of the two.
+      expert_cfg: fine-tuning recipe; default `ExpertConfig.tiny()`.
+      sampling_cfg: how targets are sampled; default the base stage's.
+      max_images: cluster images an expert trains on (DreamBooth: 3-5).
+    """
+    if bool(workdir) == (base is not None):
+      raise ValueError("ExpertTargetRenderer needs exactly one of workdir= and base=")
+    self._workdir = workdir
+    self._base = base
+    self._expert_cfg = expert_cfg or dreambooth.ExpertConfig.tiny()
+    self._sampling_cfg = sampling_cfg
+    self._max_images = max_images
+
+  def setup(self) -> None:
+    """Loads the base model once (a no-op for an in-memory one)."""
+    if self._base is None:
+      self._base = load_base_model(self._workdir)
+
+  def _subject_images(self, cluster: interfaces.Cluster) -> np.ndarray:
+    size = self._base.unet_cfg.image_size
+    decoded = [images_lib.decode_array(m.image) for m in cluster.members[:self._max_images]]
+    return np.stack([dreambooth.to_uint8(images_lib.preprocess_array(x, size))
+                     for x in decoded])
+
+  def render_targets(self, cluster: interfaces.Cluster,
+                     prompts: Sequence[interfaces.PromptSpec], seed: int
+                     ) -> list[interfaces.Target]:
+    """Fine-tunes the cluster's expert and renders every prompt in one batch.
+
+    Args:
+      cluster: the cluster; its members' images train the expert and its
+        description names the subject in the prompts.
+      prompts: the prompts to render.
+      seed: seeds the fine-tune and the sampler.
+
+    Returns:
+      One Target per prompt (image uint8 [H, W, 3]), or Targets with an error.
+    """
+    if self._base is None:
+      raise RuntimeError("ExpertTargetRenderer.setup() was not called")
+    noun = class_noun_of(cluster.description)
+    if not noun or not cluster.members or not prompts:
+      error = "cluster has no description, no images or no prompts"
+      return [interfaces.Target(p.skill, p.prompt, None, error=error) for p in prompts]
+    base, cfg = self._base, self._expert_cfg
+    key = jax.random.PRNGKey(seed % 2**31)
+    expert = dreambooth.finetune_experts(
+        base.params, base.text_encoder, base.unet_cfg, base.diffusion_cfg,
+        [(self._subject_images(cluster), noun)], cfg, jax.random.fold_in(key, 0))[0]
+    expert_prompts = [dreambooth.identifier_prompt(p.prompt, cluster.description, noun,
+                                                   cfg.identifier) for p in prompts]
+    rendered = dreambooth.render(
+        expert, expert_prompts, jax.random.fold_in(key, 1),
+        self._sampling_cfg or base.sampling_cfg, text_encoder=base.text_encoder,
+        unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
+    return [interfaces.Target(p.skill, p.prompt, image) for p, image in zip(prompts, rendered)]
+
+
+def make_target_renderer(**options: Any) -> ExpertTargetRenderer:
+  """The pipeline's 'expert' renderer factory: `ExpertTargetRenderer(**options)`."""
+  return ExpertTargetRenderer(**options)

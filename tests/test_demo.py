@@ -1,0 +1,157 @@
+"""The demo: stage runner skip/resume, the report writer, the world split, and (slow)
+the whole demo at `configs/demo.py:small`, twice (the second run skips every stage)."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from suti_jax.data import synthetic
+from suti_jax.demo import evaluate
+from suti_jax.demo import report
+from suti_jax.demo import world
+from suti_jax.demo.stages import Stage, StageRunner
+
+
+def _stage(name, calls, tmp_path, fingerprint=None, fail=False):
+  def fn():
+    calls.append(name)
+    if fail:
+      raise RuntimeError(f"{name} interrupted")
+    path = tmp_path / f"{name}.out"
+    path.write_text(name)
+    return {"paths": {"out": str(path)}, "value": len(calls)}
+  return Stage(name, fn, fingerprint)
+
+
+def test_runner_skips_done_stages_and_resumes(tmp_path):
+  workdir = str(tmp_path / "wd")
+  calls = []
+  log = []
+  stages = [_stage("a", calls, tmp_path), _stage("b", calls, tmp_path, fail=True),
+            _stage("c", calls, tmp_path)]
+  with pytest.raises(RuntimeError, match="b interrupted"):
+    StageRunner(workdir, log.append).run(stages)
+  assert calls == ["a", "b"]
+  assert os.path.exists(os.path.join(workdir, "markers", "a.json"))
+  assert not os.path.exists(os.path.join(workdir, "markers", "b.json"))
+
+  # Resume: 'a' is skipped, 'b' and 'c' run.
+  calls.clear()
+  stages[1] = _stage("b", calls, tmp_path)
+  markers = StageRunner(workdir, log.append).run(stages)
+  assert calls == ["b", "c"]
+  assert markers["a"]["skipped"] and not markers["b"]["skipped"]
+  assert markers["a"]["outputs"]["value"] == 1
+  assert any("a: done already" in line for line in log)
+
+  # Everything done: nothing runs.
+  calls.clear()
+  markers = StageRunner(workdir, log.append).run(stages)
+  assert calls == [] and all(m["skipped"] for m in markers.values())
+
+
+def test_runner_reruns_on_missing_output_or_new_fingerprint(tmp_path):
+  workdir = str(tmp_path / "wd")
+  calls = []
+  StageRunner(workdir, lambda _: None).run([_stage("a", calls, tmp_path, {"steps": 1}),
+                                           _stage("b", calls, tmp_path)])
+  os.remove(tmp_path / "b.out")
+  calls.clear()
+  StageRunner(workdir, lambda _: None).run([_stage("a", calls, tmp_path, {"steps": 1}),
+                                           _stage("b", calls, tmp_path)])
+  assert calls == ["b"]
+  calls.clear()
+  StageRunner(workdir, lambda _: None).run([_stage("a", calls, tmp_path, {"steps": 2})])
+  assert calls == ["a"]
+  with pytest.raises(ValueError, match="duplicate"):
+    StageRunner(workdir, lambda _: None).run([_stage("a", calls, tmp_path)] * 2)
+
+
+def _fabricated_metrics():
+  skills = ("recontextualization", "stylization", "novel_view", "attribute_modification",
+            "accessorization")
+  values = {m: {k: 0.1 * i + 0.01 * j for j, k in enumerate(evaluate.METRICS)}
+            for i, m in enumerate(evaluate.METHODS)}
+  return {
+      "methods": values,
+      "per_skill": {m: {s: dict(v) for s in skills} for m, v in values.items()},
+      "personalization_s": {"suti_v2": 2.0, "suti_v1": 2.0, "dreambooth": 30.0},
+      "judges": {"subject_pair_accuracy": 0.9, "text_attribute_accuracy": 0.8},
+      "data": {"ICL v2": {"groups_written": 40, "drops": {"low_text_fidelity": 3}}},
+      "stages": {"train_base": 12.5},
+      "eval_set": {"num_subjects": 2, "num_prompts": 10},
+      "scale": "fabricated",
+  }
+
+
+def test_report_writer_tables(tmp_path):
+  metrics = _fabricated_metrics()
+  grid = report.grid_image(np.zeros((3, 16, 16, 3), np.uint8),
+                           [[np.full((16, 16, 3), 9, np.uint8)] * 5] * 2, max_exemplars=5)
+  paths = report.write(str(tmp_path), metrics, [("s002000", grid, ["p one", "p two"])])
+  text = open(paths["REPORT.md"]).read()
+  for method in evaluate.METHODS:
+    row = next(line for line in text.splitlines()
+               if line.startswith(f"| {evaluate.METHOD_LABELS[method]} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 1 + len(evaluate.METRICS)
+    assert cells[1:] == [f"{v:.3f}" for v in metrics["methods"][method].values()]
+  # The v2 method (0.01 * j) trails v1 (0.1 + ...) on subject fidelity: said plainly.
+  assert "SuTI v2 (expert targets) does not beat SuTI v1" in text
+  assert "15.0x" in text  # 30 s DreamBooth vs 2 s SuTI.
+  assert "| subject_pair_accuracy | 0.900 |" in text
+  assert "| ICL v2 | 40 | low_text_fidelity: 3 |" in text
+  assert "![s002000](grid_s002000.png)" in text and "2. p two" in text
+  saved = json.load(open(paths["metrics.json"]))
+  assert saved["methods"] == metrics["methods"]
+  # 2 rows; 5 exemplar columns + a blank one + 5 methods; cells of 16 + 2 px, x4.
+  assert grid.shape == (2 * 18 * 4, 11 * 18 * 4, 3)
+  assert os.path.exists(tmp_path / "grid_s002000.png")
+
+
+def test_heldout_subjects_are_disjoint_and_have_ground_truth():
+  pairs = world.make_web(8, seed=0, size_px=16)
+  seen = world.web_subject_ids(pairs)
+  seeds = world.heldout_subject_seeds(3, seen, judge_seed=7)
+  subjects = world.make_eval_set(seeds, image_size=16, min_exemplars=3, max_exemplars=5,
+                                 prompts_per_skill=1, identifier="sks")
+  assert {s.subject_id for s in subjects}.isdisjoint(seen)
+  assert not any(world.in_judge_block(s, 7) for s in seeds)
+  for s in subjects:
+    assert 3 <= len(s.exemplar_images) == len(s.exemplar_captions) <= 5
+    assert sorted({p.skill for p in s.prompts}) == sorted(synthetic.SKILLS)
+    for p in s.prompts:
+      assert s.description in p.prompt and "sks" in p.expert_prompt
+      assert synthetic.parse_prompt(p.prompt) == synthetic.parse_prompt(
+          p.class_prompt)
+      assert p.target.shape == (16, 16, 3)
+
+
+@pytest.mark.slow
+def test_demo_small_end_to_end_then_skips(tmp_path):
+  from configs import demo as demo_config
+  from suti_jax import demo
+
+  workdir, report_dir = str(tmp_path / "wd"), str(tmp_path / "report")
+  markers = demo.run(demo_config.get_config("small"), workdir, report_dir)
+  assert not any(m["skipped"] for m in markers.values())
+  text = open(os.path.join(report_dir, "REPORT.md")).read()
+  metrics = json.load(open(os.path.join(report_dir, "metrics.json")))
+  assert set(metrics["methods"]) == set(evaluate.METHODS)
+  for method, values in metrics["methods"].items():
+    assert set(values) == set(evaluate.METRICS)
+    assert all(np.isfinite(v) for v in values.values())
+    assert f"| {evaluate.METHOD_LABELS[method]} |" in text
+  assert metrics["methods"]["ground_truth"]["pixel_mse"] == 0.0
+  assert {"suti_v2", "suti_v1", "dreambooth"} <= set(metrics["personalization_s"])
+  assert "subject_pair_accuracy" in metrics["judges"]
+  assert metrics["data"]["ICL v2"]["groups_written"] > 0
+  assert os.path.exists(os.path.join(report_dir, metrics["grids"][0]["path"]))
+
+  start = time.time()
+  again = demo.run(demo_config.get_config("small"), workdir, report_dir)
+  assert all(m["skipped"] for m in again.values())
+  assert time.time() - start < 60
