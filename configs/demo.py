@@ -34,15 +34,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   # Synthetic world. Web images are 32 px (the SR target); the base trains at 16.
   c.world = ml_collections.ConfigDict(dict(
-      num_clusters=12 if small else 48, web_size_px=32, image_size=16,
+      num_clusters=12 if small else 24, web_size_px=32, image_size=16,
       num_heldout_subjects=2 if small else 8, min_exemplars=3, max_exemplars=5,
       prompts_per_skill=1 if small else 2))
-  c.base = _stage(imagen_base64, steps=20 if small else 1200, batch_size=8 if small else 32,
+  # Step counts fit the whole demo in ~20 min on two idle cores (REPORT.md lists
+  # each stage's wall and CPU seconds).
+  c.base = _stage(imagen_base64, steps=20 if small else 400, batch_size=8 if small else 32,
                   learning_rate=1e-3)
-  c.sr = _stage(imagen_sr256, steps=10 if small else 300, batch_size=8 if small else 16,
+  c.sr = _stage(imagen_sr256, steps=10 if small else 200, batch_size=8 if small else 16,
                 learning_rate=1e-3)
-  c.suti = _stage(suti_base64, steps=10 if small else 500, batch_size=8 if small else 16,
-                  learning_rate=5e-4)
+  c.suti = _stage(suti_base64, steps=10 if small else 150, batch_size=8 if small else 16,
+                  learning_rate=1e-3)
   # Judges: trained on their own subjects (disjoint from web and held-out ones).
   c.judges = ml_collections.ConfigDict(dict(
       image_size=16, num_subjects=24 if small else 200, steps=20 if small else 500,
@@ -51,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # DreamBooth experts (suti_jax.experts.dreambooth.ExpertConfig fields), for the
   # pipeline's teachers and for the held-out DreamBooth baseline alike.
   c.experts = ml_collections.ConfigDict(dict(
-      num_steps=5 if small else 150, optimizer="adam", learning_rate=1e-3,
+      num_steps=5 if small else 80, optimizer="adam", learning_rate=1e-3,
       batch_size=4, num_class_images=4 if small else 8, class_sampling_steps=4 if small else 8,
       max_parallel_experts=4 if small else 8))
   c.pipeline = ml_collections.ConfigDict(dict(

@@ -81,7 +81,7 @@ def _fabricated_metrics():
       "personalization_s": {"suti_v2": 2.0, "suti_v1": 2.0, "dreambooth": 30.0},
       "judges": {"subject_pair_accuracy": 0.9, "text_attribute_accuracy": 0.8},
       "data": {"ICL v2": {"groups_written": 40, "drops": {"low_text_fidelity": 3}}},
-      "stages": {"train_base": 12.5},
+      "stages": {"train_base": {"wall_s": 12.5, "cpu_s": 20.0}},
       "eval_set": {"num_subjects": 2, "num_prompts": 10},
       "scale": "fabricated",
   }
@@ -104,6 +104,7 @@ def test_report_writer_tables(tmp_path):
   assert "15.0x" in text  # 30 s DreamBooth vs 2 s SuTI.
   assert "| subject_pair_accuracy | 0.900 |" in text
   assert "| ICL v2 | 40 | low_text_fidelity: 3 |" in text
+  assert "| train_base | 12.5 | 20.0 |" in text
   assert "![s002000](grid_s002000.png)" in text and "2. p two" in text
   saved = json.load(open(paths["metrics.json"]))
   assert saved["methods"] == metrics["methods"]

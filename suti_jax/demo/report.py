@@ -115,7 +115,7 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
 
   Args:
     metrics: as written to metrics.json: 'methods', 'per_skill', 'judges',
-      'personalization_s', 'stages' (name -> wall s), 'data' (ICL group counts),
+      'personalization_s', 'stages' (name -> {'wall_s', 'cpu_s'}), 'data' (ICL group counts),
       'eval_set' (counts), 'scale' (a one-line description of the run).
     grids: [{'path': relative PNG path, 'subject': id, 'prompts': [str]}].
 
@@ -147,8 +147,12 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
   lines += ["", "## Timings", "", "| personalisation per subject | seconds |", "|---|---|"]
   for method, seconds in metrics.get("personalization_s", {}).items():
     lines.append(f"| {evaluate.METHOD_LABELS.get(method, method)} | {_fmt(seconds)} |")
-  lines += ["", "| stage | wall s |", "|---|---|"]
-  lines += [f"| {name} | {seconds:.1f} |" for name, seconds in metrics.get("stages", {}).items()]
+  stages = metrics.get("stages", {})
+  lines += ["", "| stage | wall s | CPU s |", "|---|---|---|"]
+  lines += [f"| {name} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} |" for name, t in stages.items()]
+  if stages:
+    lines.append(f"| total | {sum(t['wall_s'] for t in stages.values()):.1f} | "
+                 f"{sum(t['cpu_s'] for t in stages.values()):.1f} |")
   if grids:
     lines += ["", "## Grids", "",
               "Each row is one prompt. Columns: the exemplars (blank = no exemplar), then "

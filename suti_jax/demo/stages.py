@@ -76,8 +76,8 @@ class StageRunner:
       stages: the stages; later stages may read earlier stages' files.
 
     Returns:
-      stage name -> its marker: {'outputs', 'wall_s', 'skipped', 'fingerprint'}.
-      'wall_s' is the time of the run that produced the outputs.
+      stage name -> its marker: {'outputs', 'wall_s', 'cpu_s', 'skipped',
+      'fingerprint'}; the times are those of the run that produced the outputs.
     """
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
@@ -93,16 +93,20 @@ class StageRunner:
         markers[stage.name] = dict(marker, skipped=True)
         continue
       self._log(f"[{i + 1}/{len(stages)}] {stage.name}: running")
-      start = time.time()
+      start, start_cpu = time.time(), time.process_time()
       outputs = stage.fn()
+      # CPU seconds (all threads) next to wall time: on a shared machine they tell
+      # how long the stage would take on idle cores.
       marker = {"outputs": outputs, "wall_s": time.time() - start,
+                "cpu_s": time.process_time() - start_cpu,
                 "fingerprint": fingerprint_of(stage.fingerprint)}
       # Written last and atomically: a stage killed mid-way leaves no marker.
       tmp = self.marker_path(stage.name) + ".tmp"
       with open(tmp, "w") as f:
         json.dump(marker, f, indent=1, sort_keys=True, default=repr)
       os.replace(tmp, self.marker_path(stage.name))
-      self._log(f"[{i + 1}/{len(stages)}] {stage.name}: finished in {marker['wall_s']:.0f} s")
+      self._log(f"[{i + 1}/{len(stages)}] {stage.name}: finished in {marker['wall_s']:.0f} s "
+                f"({marker['cpu_s']:.0f} CPU s)")
       markers[stage.name] = dict(marker, skipped=False)
     progress.close()
     return markers
