@@ -39,7 +39,9 @@ test-slow: $(TESTDEPS)
 test-all: $(TESTDEPS)
 	@$(call RUN_PYTEST,-m "slow or not slow" -n 2 tests)
 
+# Peer libraries (imagen-pytorch, diffusers) live in their own venv, built on first use.
 bench: $(TESTDEPS)
+	test -x .venv-bench/bin/python || bash bench/setup_peers.sh
 	$(PYTHON) -m bench.run_all
 
 clean:

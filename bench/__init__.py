@@ -1,0 +1,1 @@
+"""Benchmarks: one question per script, Markdown tables and JSON under reports/bench/."""

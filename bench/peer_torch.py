@@ -39,12 +39,16 @@ def _import_imagen_unet():
   that probe for torchvision with find_spec are imported first, so they see it
   missing.
   """
-  import accelerate, datasets, diffusers, transformers  # noqa: F401,E401  pylint: disable=import-outside-toplevel,multiple-imports
+  # pylint: disable=import-outside-toplevel
+  import accelerate  # noqa: F401
+  import datasets  # noqa: F401
+  import diffusers  # noqa: F401
+  import transformers  # noqa: F401
   empty = types.ModuleType("torchvision")
   empty.transforms = types.ModuleType("torchvision.transforms")
   sys.modules.setdefault("torchvision", empty)
   sys.modules.setdefault("torchvision.transforms", empty.transforms)
-  import imagen_pytorch  # pylint: disable=import-outside-toplevel
+  import imagen_pytorch
   return imagen_pytorch.Unet, imagen_pytorch.__version__
 
 

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       ["method", "s per subject (compile excluded)", "s per image", "DreamBooth / method",
        "subject fidelity (judge cosine)", "same-subject rate", "text fidelity",
        "CPU/wall incl. compile"])
-  results = {"num_images": n, "sampling_steps": sampling_steps, "expert_steps": expert_cfg.num_steps,
+  results = {"num_images": n, "sampling_steps": sampling_steps,
+             "expert_steps": expert_cfg.num_steps,
              "sources": {"suti": suti_src, "base": base_src, "judges": judge_src}, "methods": {}}
   dreambooth_s = runs["DreamBooth expert"][0].seconds_per_subject
   for method, (generated, _, cpu_wall) in runs.items():

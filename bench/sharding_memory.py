@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   # The paper size traces in seconds under eval_shape, but compiling its step on
   # CPU does not finish in reasonable time, so the compiled column uses `tiny`.
   abstract_arg = "tiny" if args.smoke else None
-  big = state_bytes(experiment_lib.build(experiment_lib.sections(_config(abstract_arg, args.smoke))),
-                    counts)
+  big_exp = experiment_lib.build(experiment_lib.sections(_config(abstract_arg, args.smoke)))
+  big = state_bytes(big_exp, counts)
   small_exp = experiment_lib.build(experiment_lib.sections(_config("tiny", args.smoke)))
   small = compiled_bytes(small_exp, counts)
   small_state = state_bytes(small_exp, counts)

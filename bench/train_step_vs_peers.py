@@ -70,6 +70,15 @@ def run_peer(library: str, spec: dict[str, Any], warmup: int, steps: int,
       return json.load(f)
 
 
+def peers_skipped(peers: str, venv: str) -> str | None:
+  """Why the peers cannot run ('none' asked, or no peer venv), or None if they can."""
+  if peers == "none":
+    return "Peers skipped (--peers=none): suti_jax alone."
+  if not os.access(os.path.join(venv, "bin", "python"), os.X_OK):
+    return (f"Peer venv {venv} is not set up (run `bash bench/setup_peers.sh`): suti_jax alone.")
+  return None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = common.base_parser(QUESTION)
   p.add_argument("--peers", default="auto", choices=("auto", "none"),
@@ -79,15 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = p.parse_args(argv)
   spec = dict(SMOKE_SPEC if args.smoke else FULL_SPEC)
   warmup, steps = (1, args.steps or 2) if args.smoke else (3, args.steps or 20)
-  notes = []
+  skipped = peers_skipped(args.peers, args.peer_venv)
+  notes = [skipped] if skipped else []
   systems = [run_suti(spec, warmup, steps)]
-  peer_python = os.path.join(args.peer_venv, "bin", "python")
-  if args.peers == "none":
-    notes.append("Peers skipped (--peers=none): suti_jax alone.")
-  elif not os.access(peer_python, os.X_OK):
-    notes.append(f"Peer venv {args.peer_venv} is not set up (run `bash bench/setup_peers.sh`): "
-                 "suti_jax alone.")
-  else:
+  if not skipped:
     systems += [run_peer(lib, spec, warmup, steps, args.peer_venv)
                 for lib in peer_torch.LIBRARIES]
   suti = systems[0]

@@ -15,7 +15,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.exemplar = ml_collections.ConfigDict(dict(
       max_exemplars=5,
       attention_resolutions=(8,) if tiny else (32, 16, 8),
-      include_caption_tokens=True, encoder_log_snr=20.0))
+      include_caption_tokens=True, encoder_log_snr=20.0,
+      position_embedding=True))
   c.diffusion.text_drop_prob = 0.1
   c.diffusion.exemplar_drop_prob = 0.1
   c.diffusion.both_drop_prob = 0.1

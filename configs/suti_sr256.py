@@ -12,7 +12,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.exemplar = ml_collections.ConfigDict(dict(
       max_exemplars=5,
       attention_resolutions=(16,) if tiny else (32,),
-      include_caption_tokens=True, encoder_log_snr=20.0))
+      include_caption_tokens=True, encoder_log_snr=20.0,
+      position_embedding=True))
   c.diffusion.exemplar_drop_prob = 0.1
   c.diffusion.both_drop_prob = 0.1
   c.sampling.guidance = "interleaved"

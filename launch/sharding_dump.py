@@ -17,9 +17,13 @@ from typing import Any, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=True)
-_MESH = flags.DEFINE_list("mesh", ["2", "2", "2"], "data,fsdp,tensor sizes (ICI, one slice).")
-_OUT = flags.DEFINE_string("out", "", "Write the JSON here instead of printing it.")
+
+
+def define_flags() -> None:
+  """Flags exist only when run as a program (tests import `dump`)."""
+  config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]", lock_config=True)
+  flags.DEFINE_list("mesh", ["2", "2", "2"], "data,fsdp,tensor sizes (ICI, one slice).")
+  flags.DEFINE_string("out", "", "Write the JSON here instead of printing it.")
 
 
 def dump(config: Any, mesh_sizes: Sequence[int]) -> dict[str, dict[str, Any]]:
@@ -46,14 +50,14 @@ def dump(config: Any, mesh_sizes: Sequence[int]) -> dict[str, dict[str, Any]]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  sizes = [int(s) for s in _MESH.value]
-  table = dump(_CONFIG.value, sizes)
+  f = flags.FLAGS
+  table = dump(f.config, [int(s) for s in f.mesh])
   # One entry per line keeps golden-file diffs readable.
   text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
                              for k, v in sorted(table.items())) + "\n}"
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w", encoding="utf-8") as f:
+  if flags.FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
+    with open(flags.FLAGS.out, "w", encoding="utf-8") as f:
       f.write(text + "\n")
   else:
     print(text)
@@ -66,7 +70,8 @@ def _force_cpu_devices(count: int) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   flags.FLAGS(sys.argv, known_only=True)
-  _force_cpu_devices(math.prod(int(s) for s in _MESH.value))
+  _force_cpu_devices(math.prod(int(s) for s in flags.FLAGS.mesh))
   app.run(main)

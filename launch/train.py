@@ -27,17 +27,6 @@ from ml_collections import config_flags
 GIN_SECTIONS = ("config", "model", "text", "diffusion", "sampling", "optimizer", "mesh",
                 "data", "train")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file[:arg].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
-_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files of config overrides.")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.seed = 3'.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize (auto-detects on TPU pods).")
-
 
 def _overrides(**kwargs: Any) -> dict[str, Any]:
   return kwargs
@@ -89,6 +78,20 @@ def apply_gin(config: ml_collections.ConfigDict, gin_files: Sequence[str],
   return config
 
 
+def define_flags() -> None:
+  """The launcher's flags (defined only when run as a program, so that tests can
+  import this module next to the other launchers)."""
+  config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file[:arg].",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
+  flags.DEFINE_multi_string("gin_file", [], "Gin files of config overrides.")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.seed = 3'.")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+  flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
+  flags.DEFINE_integer("process_id", -1, "This process's index.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize (auto-detects on TPU pods).")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -96,10 +99,11 @@ def main(argv: Sequence[str]) -> None:
   from suti_jax.parallel import distributed
   from suti_jax.train import loop
 
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         multihost=_MULTIHOST.value)
-  config = apply_gin(_CONFIG.value, _GIN_FILES.value, _GIN_BINDINGS.value)
-  result = loop.run(config, _WORKDIR.value)
+  f = flags.FLAGS
+  distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                         multihost=f.multihost)
+  config = apply_gin(f.config, f.gin_file, f.gin_bindings)
+  result = loop.run(config, f.workdir)
   if result.get("preempted"):
     logging.warning("preempted at step %d; checkpoint saved, exiting cleanly",
                     int(result["step"]))
@@ -109,5 +113,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

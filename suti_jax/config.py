@@ -33,12 +33,16 @@ class ExemplarConfig:
     include_caption_tokens: also attend to each exemplar's caption tokens.
     encoder_log_snr: noise level of the exemplar images fed to the shared
       downstack, as a log-SNR; the default (20.0) is practically clean.
+    position_embedding: add a fixed 2D sinusoidal position embedding (no
+      parameters) to the exemplar image tokens and to the generating queries,
+      so attention can align locations; caption tokens get none.
   """
 
   max_exemplars: int = 5
   attention_resolutions: tuple[int, ...] = (16, 8)
   include_caption_tokens: bool = True
   encoder_log_snr: float = 20.0
+  position_embedding: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

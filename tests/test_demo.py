@@ -83,6 +83,7 @@ def _fabricated_metrics():
       "data": {"ICL v2": {"groups_written": 40, "drops": {"low_text_fidelity": 3}}},
       "stages": {"train_base": {"wall_s": 12.5, "cpu_s": 20.0}},
       "eval_set": {"num_subjects": 2, "num_prompts": 10},
+      "training": {"train_base": {"step": 400.0, "train/loss": 0.05}},
       "scale": "fabricated",
   }
 
@@ -105,6 +106,7 @@ def test_report_writer_tables(tmp_path):
   assert "| subject_pair_accuracy | 0.900 |" in text
   assert "| ICL v2 | 40 | low_text_fidelity: 3 |" in text
   assert "| train_base | 12.5 | 20.0 |" in text
+  assert "| train_base | 400 | 0.050 |" in text
   assert "![s002000](grid_s002000.png)" in text and "2. p two" in text
   saved = json.load(open(paths["metrics.json"]))
   assert saved["methods"] == metrics["methods"]

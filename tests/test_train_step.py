@@ -35,7 +35,8 @@ def base():
               batches=batches, metrics=metrics, final=jax.device_get(state.params))
 
 
-@pytest.mark.parametrize("data, fsdp", [(2, 4), (8, 1), (1, 8)])
+@pytest.mark.parametrize("data, fsdp", [
+    (2, 4), pytest.param(8, 1, marks=pytest.mark.slow), pytest.param(1, 8, marks=pytest.mark.slow)])
 def test_sharded_step_matches_single_device(base, data, fsdp):
   exp = base["exp"]
   mesh = mesh_lib.make_mesh(MeshConfig(ici_data=data, ici_fsdp=fsdp))
@@ -94,6 +95,7 @@ def test_frozen_params_stay_bit_identical_for_suti_exemplar_only():
   assert changed[False] == 0 and changed[True] > 0
 
 
+@pytest.mark.slow
 def test_sr_stage_trains_alone():
   exp = experiment.build(experiment.sections(tl.sr_micro_config()))
   mesh = mesh_lib.make_mesh(MeshConfig(ici_data=1, ici_fsdp=-1))

@@ -116,7 +116,8 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
   Args:
     metrics: as written to metrics.json: 'methods', 'per_skill', 'judges',
       'personalization_s', 'stages' (name -> {'wall_s', 'cpu_s'}), 'data' (ICL group counts),
-      'eval_set' (counts), 'scale' (a one-line description of the run).
+      'eval_set' (counts), 'training' (stage -> final scalars), 'scale' (a
+      one-line description of the run).
     grids: [{'path': relative PNG path, 'subject': id, 'prompts': [str]}].
 
   Returns:
@@ -144,7 +145,18 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
   for name, data in metrics.get("data", {}).items():
     drops = ", ".join(f"{k}: {v}" for k, v in sorted(data.get("drops", {}).items())) or "none"
     lines.append(f"| {name} | {data.get('groups_written', 'n/a')} | {drops} |")
-  lines += ["", "## Timings", "", "| personalisation per subject | seconds |", "|---|---|"]
+  training = metrics.get("training", {})
+  if training:
+    lines += ["", "## Training", "", "| stage | steps | final loss |", "|---|---|---|"]
+    lines += [f"| {name} | {t.get('step', 0):.0f} | {_fmt(t.get('train/loss'))} |"
+              for name, t in training.items()]
+  prompts_per_subject = eval_set.get("num_prompts", 0) // max(eval_set.get("num_subjects", 1), 1)
+  lines += ["", "## Timings", "",
+            f"Personalisation = everything needed to render one new subject's "
+            f"{prompts_per_subject} prompts, compilation excluded: SuTI samples with the "
+            "exemplars in context; DreamBooth fine-tunes an expert (experts train vmapped "
+            "together, so their time is divided by the number of subjects) and then samples.",
+            "", "| personalisation per subject | seconds |", "|---|---|"]
   for method, seconds in metrics.get("personalization_s", {}).items():
     lines.append(f"| {evaluate.METHOD_LABELS.get(method, method)} | {_fmt(seconds)} |")
   stages = metrics.get("stages", {})

@@ -167,11 +167,20 @@ def render(expert_params: Params, prompts: Sequence[str], key: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class _StepStatics:
-  """Everything static about the vmapped expert step (hashable, jit-static)."""
+  """What the expert step depends on statically (hashable, jit-static); the step
+  count and chunking are left out so that they never force a recompile."""
 
   unet_cfg: UNetConfig
   diffusion_cfg: DiffusionConfig
-  cfg: ExpertConfig
+  optimizer_cfg: OptimizerConfig
+  batch_size: int
+  prior_loss_weight: float
+
+  @classmethod
+  def of(cls, unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig,
+         cfg: ExpertConfig) -> _StepStatics:
+    return cls(unet_cfg, diffusion_cfg, cfg.optimizer_config(), cfg.batch_size,
+               cfg.prior_loss_weight)
 
 
 def _expert_loss(params: Params, batch: dict[str, jax.Array], key: jax.Array,
@@ -205,7 +214,7 @@ def _expert_loss(params: Params, batch: dict[str, jax.Array], key: jax.Array,
       predict_fn, x0, key, make_schedule(statics.diffusion_cfg), statics.diffusion_cfg)
   instance_loss = jnp.mean(per_example[:b])
   prior_loss = jnp.mean(per_example[b:])
-  total = instance_loss + statics.cfg.prior_loss_weight * prior_loss
+  total = instance_loss + statics.prior_loss_weight * prior_loss
   return total, {"instance_loss": instance_loss, "prior_loss": prior_loss}
 
 
@@ -232,17 +241,24 @@ def _train_step(params: Params, opt_state: Any, data: dict[str, jax.Array],
   batched computation (one compile, one dispatch per step, full use of the cores),
   and the result equals S separate fine-tunes.
   """
-  tx = make_optimizer(statics.cfg.optimizer_config())
+  tx = make_optimizer(statics.optimizer_cfg)
 
   def one(p, o, d, k):
     step_key = jax.random.fold_in(k, step)
-    batch = _draw_batch(d, jax.random.fold_in(step_key, 0), statics.cfg.batch_size)
+    batch = _draw_batch(d, jax.random.fold_in(step_key, 0), statics.batch_size)
     grads, metrics = jax.grad(_expert_loss, has_aux=True)(
         p, batch, jax.random.fold_in(step_key, 1), statics)
     updates, o = tx.update(grads, o, p)
     return optax.apply_updates(p, updates), o, metrics
 
   return jax.vmap(one)(params, opt_state, data, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("statics",))
+def _losses(params: Params, data: dict[str, jax.Array], key: jax.Array, *,
+            statics: _StepStatics) -> dict[str, jax.Array]:
+  batch = _draw_batch(data, jax.random.fold_in(key, 0), statics.batch_size)
+  return _expert_loss(params, batch, jax.random.fold_in(key, 1), statics)[1]
 
 
 def expert_losses(params: Params, data: dict[str, np.ndarray], key: jax.Array,
@@ -260,12 +276,10 @@ def expert_losses(params: Params, data: dict[str, np.ndarray], key: jax.Array,
   Returns:
     {'instance_loss': float, 'prior_loss': float}.
   """
-  statics = _StepStatics(unet_cfg, diffusion_cfg, cfg)
-  loss_fn = jax.jit(lambda p, d, k: _expert_loss(
-      p, _draw_batch(d, jax.random.fold_in(k, 0), cfg.batch_size),
-      jax.random.fold_in(k, 1), statics)[1])
+  statics = _StepStatics.of(unet_cfg, diffusion_cfg, cfg)
   params = nn.unbox(params)
-  draws = [loss_fn(params, data, jax.random.fold_in(key, i)) for i in range(num_draws)]
+  draws = [_losses(params, data, jax.random.fold_in(key, i), statics=statics)
+           for i in range(num_draws)]
   return {name: float(np.mean([d[name] for d in draws])) for name in draws[0]}
 
 
@@ -334,7 +348,7 @@ def finetune_prepared(base_params: Params, data: Sequence[dict[str, np.ndarray]]
   """
   base = nn.unbox(base_params)
   tx = make_optimizer(cfg.optimizer_config())
-  statics = _StepStatics(unet_cfg, diffusion_cfg, cfg)
+  statics = _StepStatics.of(unet_cfg, diffusion_cfg, cfg)
   experts = []
   for start in range(0, len(data), cfg.max_parallel_experts):
     chunk = data[start:start + cfg.max_parallel_experts]

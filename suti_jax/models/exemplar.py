@@ -1,6 +1,6 @@
 """SuTI exemplar path: the exemplar input/feature pytrees, the exemplar
-attention layer (zero-initialised, gated off when no exemplar is present) and
-the helpers that turn downstack features of B*K exemplars into tokens."""
+attention layer (zero-initialised, gated off when no exemplar is present,
+position-aware) and the helpers that turn B*K exemplars' features into tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange, repeat
 from jax.typing import DTypeLike
 
@@ -66,6 +67,57 @@ def noised_exemplar_images(images: Array, log_snr: float) -> Array:
   return images * alpha.astype(images.dtype)
 
 
+def position_embedding_2d(height: int, width: int, channels: int) -> np.ndarray:
+  """Fixed 2D sinusoidal position embedding of a feature-map grid.
+
+  Each quarter of the channels holds sin or cos of the row or of the column, at
+  periods spaced geometrically from 2 to 2 * max(height, width) feature-map px:
+  the short periods tell neighbours apart, the long ones give a unique code
+  over the grid. Channels beyond a multiple of 4 are zero.
+
+  Args:
+    height: grid rows h.
+    width: grid columns w.
+    channels: embedding width C.
+
+  Returns:
+    [h*w, C] float32, in the `(h w)` order of `rearrange`.
+  """
+  n = channels // 4
+  periods = 2.0 * float(max(height, width)) ** (np.arange(n) / max(n - 1, 1))
+  freqs = 2 * np.pi / periods
+
+  def sin_cos(positions: int) -> np.ndarray:  # [positions, 2n]
+    args = np.arange(positions)[:, None] * freqs[None, :]
+    return np.concatenate([np.sin(args), np.cos(args)], axis=-1)
+
+  embedding = np.concatenate([
+      repeat(sin_cos(height), "h c -> (h w) c", w=width),
+      repeat(sin_cos(width), "w c -> (h w) c", h=height)], axis=-1)
+  return np.pad(embedding, ((0, 0), (0, channels - 4 * n))).astype(np.float32)
+
+
+def with_positions(features: Array) -> Array:
+  """Standardised exemplar feature maps plus the grid's position embedding.
+
+  Standardising each location over channels first fixes the position term's
+  share of the token (the exemplar attention LayerNorms the sum), whatever the
+  scale of the downstack features. The embedding is the same for every
+  exemplar slot, so attention stays invariant to the order of exemplars.
+
+  Args:
+    features: [N, h, w, C] downstack features.
+
+  Returns:
+    [N, h, w, C] in the features' dtype.
+  """
+  _, height, width, channels = features.shape
+  position = rearrange(position_embedding_2d(height, width, channels),
+                       "(h w) c -> h w c", h=height)
+  standard = jax.nn.standardize(features.astype(jnp.float32), axis=-1)
+  return (standard + position).astype(features.dtype)
+
+
 def image_tokens(features: Array, mask: Array) -> tuple[Array, Array]:
   """Flattens the feature maps of B*K exemplars into per-example tokens.
 
@@ -99,15 +151,50 @@ def caption_tokens(captions: Array, text_mask: Array, mask: Array) -> tuple[Arra
   return tokens, token_mask
 
 
+class _ExemplarCrossAttention(nn.Module):
+  """Image queries (plus their grid position) attend to exemplar tokens.
+
+  Parameter names match `attention.AttentionBlock(self_attend=False)`; it
+  differs in adding `position_embedding_2d` to the normalised queries, the
+  counterpart of the positions that `with_positions` put in image tokens.
+  Returns the residual update, zero at init (zero-initialised output).
+  """
+
+  num_heads: int
+  position_embedding: bool
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, mask: Array) -> Array:
+    """[B, H, W, C] queries, [B, M, D] context, [B, M] mask -> [B, H, W, C]."""
+    _, height, width, c = x.shape
+    head_dim = c // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: attention.head_projection(self.num_heads, head_dim, name=name, **kw)
+    queries = rearrange(layers.group_norm(c, name="norm", **kw)(x), "b h w c -> b (h w) c")
+    if self.position_embedding:
+      queries = queries + position_embedding_2d(height, width, c).astype(self.dtype)
+    out = attention.masked_attention(
+        proj("query")(queries), proj("context_key")(context),
+        proj("context_value")(context), mask.astype(bool))
+    out = attention.output_projection(c, zero_init=True, name="out", **kw)(out)
+    return rearrange(out, "b (h w) c -> b h w c", h=height, w=width)
+
+
 class ExemplarAttention(nn.Module):
   """Generating features attend to the exemplar tokens of the same resolution.
 
   The output projection is zero-initialised, so a SuTI UNet made from Imagen
   weights starts as exactly the Imagen UNet; an example whose exemplar slots
-  are all masked gets exactly zero update (gated by any(mask)).
+  are all masked gets exactly zero update (gated by any(mask)). With
+  `position_embedding`, queries carry the same fixed grid code as the image
+  tokens (see `with_positions`), so a location can find its counterpart in
+  every exemplar, which content alone cannot do for a spatial pattern.
   """
 
   num_heads: int
+  position_embedding: bool = True
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
 
@@ -117,7 +204,8 @@ class ExemplarAttention(nn.Module):
 
     Args:
       x: [B, H, W, C] generating features.
-      tokens: [B, M, C] exemplar tokens.
+      tokens: [B, M, C] exemplar tokens (image tokens of an H x W grid carry
+        positions when `position_embedding`).
       mask: [B, M] bool token mask.
 
     Returns:
@@ -125,8 +213,7 @@ class ExemplarAttention(nn.Module):
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     context = layers.layer_norm(name="context_norm", **kw)(tokens.astype(self.dtype))
-    update = attention.AttentionBlock(
-        self.num_heads, self_attend=False, zero_init_out=True, name="attn",
-        **kw)(x, layers.constrain_tokens(context), mask)
+    update = _ExemplarCrossAttention(self.num_heads, self.position_embedding, name="attn",
+                                     **kw)(x, layers.constrain_tokens(context), mask)
     present = jnp.any(mask, axis=-1)[:, None, None, None]
     return layers.constrain_image(x + jnp.where(present, update, 0).astype(x.dtype))

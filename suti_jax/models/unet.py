@@ -106,8 +106,9 @@ class ResAttnBlock(nn.Module):
         h = h + attend(self_attend=False, null_kv=True, name="text_attn")(h, text, text_mask)
     key = str(self.resolution)
     if exemplar_features is not None and key in exemplar_features.tokens:
-      h = exemplar.ExemplarAttention(cfg.num_heads, name="exemplar_attn", **kw)(
-          h, exemplar_features.tokens[key], exemplar_features.mask[key])
+      h = exemplar.ExemplarAttention(
+          cfg.num_heads, cfg.exemplar.position_embedding, name="exemplar_attn", **kw)(
+              h, exemplar_features.tokens[key], exemplar_features.mask[key])
     return h
 
 
@@ -265,7 +266,8 @@ class UNet(nn.Module):
       low_res: [B, K, h, w, C] exemplar low-res inputs (SR only; default derived).
 
     Returns:
-      ExemplarFeatures with [B, K*N_r, C_r] tokens per resolution r.
+      ExemplarFeatures with [B, K*N_r, C_r] tokens per resolution r (image
+      tokens with grid positions when `exemplar.position_embedding`).
     """
     cfg = self.config
     if cfg.exemplar is None:
@@ -287,7 +289,10 @@ class UNet(nn.Module):
     tokens, token_mask = {}, {}
     for res in cfg.exemplar.attention_resolutions:
       key = str(res)
-      tokens[key], token_mask[key] = exemplar.image_tokens(features[res], mask)
+      image = features[res]
+      if cfg.exemplar.position_embedding:
+        image = exemplar.with_positions(image)
+      tokens[key], token_mask[key] = exemplar.image_tokens(image, mask)
       if cfg.exemplar.include_caption_tokens:
         caption_tok, caption_tok_mask = exemplar.caption_tokens(
             self.exemplar_caption_proj[key](captions), text_mask, mask)

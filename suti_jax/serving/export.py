@@ -18,8 +18,11 @@ from jax.experimental import jax2tf
 
 from suti_jax.inference import sampler
 from suti_jax.inference.pipeline import Pipeline
+from suti_jax import config as config_lib
+from suti_jax.inference import stage as stage_lib
 from suti_jax.inference.stage import MODEL_SECTIONS, StageModel
 from suti_jax.models.text import tokenizers
+from suti_jax.serving import serving_checkpoint
 
 MODEL_CARD = "model_card.json"
 
@@ -50,7 +53,8 @@ def check_config(checkpoint_config: Mapping[str, Any], config: Mapping[str, Any]
     config: the config given for export (a ConfigDict or dict).
     source: names the checkpoint in the message.
   """
-  given = json.loads(json.dumps(dict(config), default=lambda o: o.to_dict()))
+  given = (json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+           else dict(config))
   ours = {k: given.get(k) for k in ("stage",) + MODEL_SECTIONS}
   theirs = {k: checkpoint_config.get(k) for k in ("stage",) + MODEL_SECTIONS}
   a, b = _flatten(theirs), _flatten(ours)
@@ -151,8 +155,10 @@ def export_saved_model(stages: Sequence[StageModel], output_dir: str, *,
   seed_spec = tf.TensorSpec([], tf.int32, "seed")
   scale_spec = lambda name: tf.TensorSpec([n], tf.float32, name)  # noqa: E731
 
-  @tf.function(input_signature=[ids_spec("text_ids"), mask_spec("text_mask"), seed_spec,
-                                scale_spec("guidance_scale")])
+  # autograph=False: the converted JAX code is plain Python; AutoGraph would only
+  # slow the trace down trying to rewrite JAX internals.
+  @tf.function(autograph=False, input_signature=[
+      ids_spec("text_ids"), mask_spec("text_mask"), seed_spec, scale_spec("guidance_scale")])
   def text_to_image_ids(text_ids, text_mask, seed, guidance_scale):
     return {"images": t2i_tf(list(module.weights), text_ids, text_mask, seed, guidance_scale)}
 
@@ -160,8 +166,8 @@ def export_saved_model(stages: Sequence[StageModel], output_dir: str, *,
   signatures = {"text_to_image_ids": text_to_image_ids}
   byte = specs[0].text.tokenizer == "byte"
   if byte:
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, "prompt"), seed_spec,
-                                  scale_spec("guidance_scale")])
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([None], tf.string, "prompt"), seed_spec, scale_spec("guidance_scale")])
     def text_to_image(prompt, seed, guidance_scale):
       ids, mask = byte_tokenize_tf(prompt, layout.text_len)
       return text_to_image_ids(ids, mask, seed, guidance_scale)
@@ -185,7 +191,7 @@ def export_saved_model(stages: Sequence[StageModel], output_dir: str, *,
                       tf.TensorSpec([k], tf.bool, "exemplar_mask")]
     scale_specs = [scale_spec(f"{p}guidance_scale") for p in ("", "text_", "exemplar_")]
 
-    @tf.function(input_signature=exemplar_specs + [
+    @tf.function(autograph=False, input_signature=exemplar_specs + [
         ids_spec("exemplar_text_ids", k), mask_spec("exemplar_text_mask", k),
         ids_spec("text_ids"), mask_spec("text_mask"), seed_spec] + scale_specs)
     def personalize_ids(exemplar_images, exemplar_mask, exemplar_text_ids, exemplar_text_mask,
@@ -199,7 +205,7 @@ def export_saved_model(stages: Sequence[StageModel], output_dir: str, *,
     module.personalize_ids = personalize_ids
     signatures["personalize_ids"] = personalize_ids
     if byte:
-      @tf.function(input_signature=exemplar_specs + [
+      @tf.function(autograph=False, input_signature=exemplar_specs + [
           tf.TensorSpec([k], tf.string, "exemplar_captions"),
           tf.TensorSpec([None], tf.string, "prompt"), seed_spec] + scale_specs)
       def personalize(exemplar_images, exemplar_mask, exemplar_captions, prompt, seed,
@@ -230,7 +236,7 @@ def _with_default_scales(full: Any, num_inputs: int, defaults: Sequence[np.ndarr
   """
   specs = list(full.input_signature)
 
-  @tf.function
+  @tf.function(autograph=False)
   def fn(*args):
     scales = args[num_inputs:] or [tf.constant(d) for d in defaults]
     return full(*args[:num_inputs], *scales)
@@ -265,3 +271,42 @@ def write_model_card(path: str, stages: Sequence[StageModel], *, export_summary:
   with open(path, "w") as f:
     json.dump(card, f, indent=2, default=str)
   return card
+
+
+def export_cascade(checkpoints: Sequence[str], configs: Sequence[Any], output_dir: str, *,
+                   step: int | None = None, num_steps: int | Sequence[int] | None = None,
+                   guidance: str | None = None, dtype: str = "bfloat16",
+                   platforms: Sequence[str] | None = None) -> dict[str, Any]:
+  """Trainer checkpoints -> `<output_dir>/{serving_checkpoint, saved_model,
+  model_card.json}`; the SavedModel is made from the serving checkpoint's params.
+
+  Args:
+    checkpoints: workdirs or checkpoint dirs, base stage then SR stages.
+    configs: the ConfigDict of each stage; model, text and diffusion must match
+      the checkpoint's, and its sampling section is what gets exported.
+    output_dir: created if missing.
+    step: checkpoint step (default each one's latest).
+    num_steps: sampling steps fixed in the export (default the configs').
+    guidance: personalisation guidance mode (default the configs').
+    dtype: serving param dtype.
+    platforms: SavedModel lowering platforms (default the current backend).
+
+  Returns:
+    The model card.
+  """
+  if len(checkpoints) != len(configs):
+    raise ValueError(f"{len(checkpoints)} checkpoints but {len(configs)} configs")
+  stages = []
+  for path, config in zip(checkpoints, configs):
+    check_config(stage_lib.read_checkpoint_config(path, step)[0], config, source=path)
+    sampling = config_lib.section(config_lib.SamplingConfig, config.sampling, "config.sampling")
+    stages.append(stage_lib.load_stage(path, step=step).with_sampling(
+        **config_lib.to_dict(sampling)))
+  os.makedirs(output_dir, exist_ok=True)
+  ckpt_dir = os.path.join(output_dir, "serving_checkpoint")
+  serving_checkpoint.save_serving_checkpoint(stages, ckpt_dir, dtype=dtype)
+  served = serving_checkpoint.load_serving_checkpoint(ckpt_dir)
+  summary = export_saved_model(served, os.path.join(output_dir, "saved_model"),
+                               num_steps=num_steps, guidance=guidance, platforms=platforms)
+  return write_model_card(os.path.join(output_dir, MODEL_CARD), stages, export_summary=summary,
+                          serving_dtype=dtype)

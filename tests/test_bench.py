@@ -1,0 +1,151 @@
+"""bench/: the helpers, and every benchmark in --smoke mode through bench.run_all
+(well-formed JSON and Markdown with positive figures; never timing thresholds)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import common
+from bench import run_all
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_configure_host_replaces_device_and_thread_flags(monkeypatch):
+  for name in ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "TF_NUM_INTRAOP_THREADS",
+               "TF_NUM_INTEROP_THREADS"):  # Restored after the test.
+    monkeypatch.setenv(name, os.environ.get(name, ""))
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_foo=1 "
+                     "intra_op_parallelism_threads=7")
+  common.configure_host(num_devices=2, threads=3)
+  flags = os.environ["XLA_FLAGS"].split()
+  assert "--xla_foo=1" in flags
+  assert [f for f in flags if "device_count" in f] == [
+      "--xla_force_host_platform_device_count=2"]
+  assert [f for f in flags if "intra_op" in f] == ["intra_op_parallelism_threads=3"]
+  assert os.environ["TF_NUM_INTRAOP_THREADS"] == "3"
+
+
+def test_time_calls_counts_and_ratio():
+  calls = []
+  timing = common.time_calls(lambda: calls.append(sum(range(20000))), warmup=2, calls=5)
+  assert len(calls) == 7 and len(timing.wall_s) == len(timing.cpu_s) == 5
+  assert min(timing.wall_s) <= timing.median_s <= max(timing.wall_s)
+  assert timing.cpu_wall_ratio > 0
+  assert set(timing.as_dict()) == {"median_s", "min_s", "max_s", "cpu_wall_ratio", "calls"}
+
+
+def test_table_markdown_and_report(tmp_path):
+  table = common.Table("T", ["a", "b"], [[1234, 0.5], ["x", 2e-9]])
+  lines = table.markdown().splitlines()
+  assert lines[2:] == ["| a | b |", "|---|---|", "| 1,234 | 0.5 |", "| x | 2.000e-09 |"]
+  report = common.write_report("demo_name", "Q?", [table], {"k": 1.0}, smoke=True,
+                               out_dir=str(tmp_path))
+  on_disk = json.load(open(tmp_path / "demo_name.json"))
+  assert on_disk == json.loads(json.dumps(report))
+  assert on_disk["tables"][0]["rows"] == [[1234, 0.5], ["x", 2e-9]]
+  assert "| a | b |" in on_disk["markdown"] and "Smoke run" in on_disk["markdown"]
+
+
+def test_peers_skipped_says_why(tmp_path):
+  # Importing a bench script reconfigures XLA_FLAGS for its own process: use a fresh one.
+  code = ("from bench import train_step_vs_peers as t; import sys; "
+          f"print(t.peers_skipped('auto', {str(tmp_path)!r})); "
+          f"print(t.peers_skipped('none', {str(tmp_path)!r}))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True).stdout.splitlines()
+  assert "not set up" in out[0] and "setup_peers.sh" in out[0]
+  assert "--peers=none" in out[1]
+
+
+def test_run_all_rejects_unknown_names():
+  with pytest.raises(SystemExit, match="unknown benchmark"):
+    run_all.main(["--only=roofline,nope"])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  """Every benchmark once in --smoke mode; their reports and SUMMARY.md."""
+  out = tmp_path_factory.mktemp("bench")
+  proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--smoke", f"--out_dir={out}"],
+                        cwd=REPO, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  reports = {n: json.load(open(out / f"{n}.json")) for n in run_all.SCRIPTS}
+  return reports, (out / "SUMMARY.md").read_text()
+
+
+@pytest.mark.parametrize("name", run_all.SCRIPTS)
+def test_smoke_report_is_well_formed(smoke, name):
+  reports, summary = smoke
+  r = reports[name]
+  assert r["name"] == name and r["smoke"] is True and r["question"].endswith("?")
+  assert set(r) >= {"environment", "tables", "results", "notes", "markdown"}
+  assert r["tables"]
+  for t in r["tables"]:
+    header = "| " + " | ".join(t["headers"]) + " |"
+    assert header in r["markdown"] and header in summary
+    assert t["rows"] and all(len(row) == len(t["headers"]) for row in t["rows"])
+
+
+def test_smoke_train_step_vs_peers(smoke):
+  res = smoke[0]["train_step_vs_peers"]["results"]
+  systems = res["systems"]
+  assert systems[0]["library"] == "suti_jax"
+  peer_venv = os.path.join(REPO, ".venv-bench", "bin", "python")
+  assert res["peers_ran"] == os.access(peer_venv, os.X_OK)
+  assert len(systems) == (3 if res["peers_ran"] else 1)
+  for s in systems:
+    assert _positive(s["params"]) and _positive(s["examples_per_s"])
+    assert _positive(res["suti_over_peer"][s["library"]])
+  assert res["suti_over_peer"]["suti_jax"] == pytest.approx(1.0)
+
+
+def test_smoke_roofline(smoke):
+  res = smoke[0]["roofline"]["results"]
+  assert _positive(res["peak_gflops_per_s"])
+  assert len(res["programs"]) == 4
+  for prog in res["programs"]:
+    assert _positive(prog["flops"]) and _positive(prog["fraction_of_peak"])
+  # The full sampler does num_steps times the single step's work.
+  one, full = res["programs"][2]["flops"], res["programs"][3]["flops"]
+  assert full == pytest.approx(2 * one)
+
+
+def test_smoke_sharding_memory(smoke):
+  res = smoke[0]["sharding_memory"]["results"]
+  rows = {r["devices"]: r for r in res["abstract"]}
+  assert set(rows) == {1, 2}
+  assert rows[1]["ratio_to_even"] == pytest.approx(1.0)
+  # fsdp over 2 devices halves most bytes; a device never holds less than total/N.
+  assert rows[2]["params_plus_opt_per_device"] < rows[1]["params_plus_opt_per_device"]
+  assert 1.0 <= rows[2]["ratio_to_even"] < 2.0
+  compiled = {r["devices"]: r for r in res["compiled"]}
+  assert _positive(compiled[1]["argument"]) and _positive(compiled[2]["argument"])
+  assert compiled[2]["argument"] < compiled[1]["argument"]
+
+
+def test_smoke_input_pipeline(smoke):
+  res = smoke[0]["input_pipeline"]["results"]
+  assert res["beam"]["groups"] > 0
+  for value in (res["beam"]["groups_per_s"], res["tfdata"]["groups_per_s"],
+                res["train_step"]["examples_per_s"], res["tfdata_over_step"],
+                res["beam_over_step"]):
+    assert _positive(value)
+
+
+def test_smoke_personalization_cost(smoke):
+  res = smoke[0]["personalization_cost"]["results"]
+  assert res["num_images"] == 5  # One prompt per skill.
+  assert set(res["methods"]) == {"SuTI (in context)", "DreamBooth expert"}
+  for row in res["methods"].values():
+    assert _positive(row["seconds_per_subject"]) and _positive(row["dreambooth_over_method"])
+    assert -1.0 <= row["subject_fidelity"] <= 1.0 and 0.0 <= row["subject_match"] <= 1.0
+  assert _positive(res["dreambooth_over_suti"])

@@ -1,0 +1,82 @@
+"""launch/: config flag overrides and their errors, gin bindings, AOT fallback
+without libtpu, the TPU script's syntax."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import imagen_base64
+from launch import compile_aot
+from launch import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(*flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "launch.train",
+                         "--config=configs/imagen_base64.py:tiny", "--workdir=/nonexistent",
+                         *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_override_key_is_a_clear_error():
+  out = _launch("--config.train.totl_steps=5")
+  assert out.returncode != 0
+  assert "totl_steps" in out.stderr
+
+
+def test_wrong_override_type_is_a_clear_error():
+  out = _launch("--config.train.total_steps=many")
+  assert out.returncode != 0
+  assert "total_steps" in out.stderr and "many" in out.stderr
+
+
+def test_gin_bindings_and_files_override_the_config(tmp_path):
+  gin_file = tmp_path / "run.gin"
+  gin_file.write_text("optimizer.learning_rate = 3e-4\nmodel.exemplar = None\n")
+  config = imagen_base64.get_config("tiny")
+  config.lock()
+  train.apply_gin(config, [str(gin_file)], ["train.total_steps = 5", "mesh.ici_fsdp = 2",
+                                            "config.stage = 'custom'"])
+  assert config.train.total_steps == 5 and config.mesh.ici_fsdp == 2
+  assert config.optimizer.learning_rate == 3e-4 and config.stage == "custom"
+
+
+@pytest.mark.parametrize("binding, error, match", [
+    ("train.totl_steps = 5", KeyError, "config.train.totl_steps"),
+    ("train.total_steps = 'many'", TypeError, "config.train.total_steps"),
+])
+def test_bad_gin_bindings_are_clear_errors(binding, error, match):
+  config = imagen_base64.get_config("tiny")
+  config.lock()
+  with pytest.raises(error, match=match):
+    train.apply_gin(config, [], [binding])
+
+
+def test_aot_falls_back_to_local_devices_without_libtpu():
+  pytest.importorskip("jax")
+  try:
+    import libtpu  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    pytest.skip("libtpu is installed: the TPU topology path applies")
+  except ImportError:
+    pass
+  devices, note = compile_aot.target_devices("v5e:2x2")
+  assert len(devices) == 8 and "libtpu" in note and "local" in note
+
+
+@pytest.mark.slow
+def test_aot_compiles_tiny_config_for_local_devices():
+  config = imagen_base64.get_config("tiny")
+  report = compile_aot.compile_report(config)
+  assert report["flops_per_device"] > 0 and report["memory"]["argument"] > 0
+
+
+def test_tpu_script_is_valid_bash():
+  script = os.path.join(ROOT, "launch", "tpu", "create_and_train.sh")
+  assert os.access(script, os.X_OK)
+  subprocess.run(["bash", "-n", script], check=True)
+  out = subprocess.run(["bash", script], capture_output=True, text=True,
+                       env={"PATH": os.environ["PATH"]})
+  assert out.returncode != 0 and "set PROJECT" in out.stderr
