@@ -59,5 +59,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pipeline = ml_collections.ConfigDict(dict(
       prompts_per_cluster=5, num_shards=2, min_subject_score=0.0, min_text_score=0.0))
   c.eval = ml_collections.ConfigDict(dict(
-      sampling_steps=4 if small else 16, num_grid_subjects=2 if small else 4, sr_grids=True))
+      sampling_steps=4 if small else 16, num_grid_subjects=2 if small else 4))
   return c

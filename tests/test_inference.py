@@ -57,16 +57,23 @@ def suti(encode_calls):
   stage = _stage(config, 0)
   # Exemplar attention starts at exactly zero; perturb every param so that the
   # exemplars change the output and the checks below can fail.
-  leaves, treedef = jax.tree.flatten(stage.params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-  return inference.Pipeline([dataclasses.replace(stage, params=params)])
+  @jax.jit
+  def perturb(params):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree.unflatten(treedef, [
+        x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+  return inference.Pipeline([dataclasses.replace(stage, params=perturb(stage.params))])
 
 
-def test_text_to_image_two_stage_cascade():
-  base = _stage(tl.micro_config(), 0)
-  sr = _stage(tl.sr_micro_config(), 1)
+@pytest.fixture(scope="module")
+def cascade_stages():
+  return _stage(tl.micro_config(), 0), _stage(tl.sr_micro_config(), 1)
+
+
+def test_text_to_image_two_stage_cascade(cascade_stages):
+  base, sr = cascade_stages
   pipeline = inference.Pipeline([base, sr])
   key = jax.random.PRNGKey(0)
   out = pipeline.text_to_image(["a cat", "a dog"], 2, key, num_steps=2)
@@ -80,9 +87,8 @@ def test_text_to_image_two_stage_cascade():
   assert pipeline._generate._cache_size() == 1  # pylint: disable=protected-access
 
 
-def test_cascade_validation():
-  base = _stage(tl.micro_config(), 0)
-  sr = _stage(tl.sr_micro_config(), 1)
+def test_cascade_validation(cascade_stages):
+  base, sr = cascade_stages
   with pytest.raises(ValueError, match="must be a base stage"):
     inference.Pipeline([sr])
   with pytest.raises(ValueError, match="upsamples from 16 px"):
@@ -160,12 +166,25 @@ def test_too_many_exemplars(suti):
     suti.personalize(_subject(2)[0], ["only one"], "x", 1, jax.random.PRNGKey(0))
 
 
+# The tiny base config shrunk to compile fast (a --config file for the CLI).
+MICRO_CONFIG = """
+from configs import imagen_base64
+def get_config(arg=None):
+  c = imagen_base64.get_config("tiny")
+  c.model.base_channels = 8
+  c.text.num_layers = 1
+  c.text.max_length = 8
+  return c
+"""
+
+
 def test_sample_cli_writes_grid(tmp_path):
   output = tmp_path / "grid.png"
+  (tmp_path / "micro.py").write_text(MICRO_CONFIG)
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             XLA_FLAGS="")
+             XLA_FLAGS="", PYTHONPATH=ROOT)
   subprocess.run(
-      [sys.executable, "-m", "launch.sample", "--config=configs/imagen_base64.py:tiny",
+      [sys.executable, "-m", "launch.sample", f"--config={tmp_path / 'micro.py'}:tiny",
        "--random_init", "--prompts=a red toy;a blue toy", "--num_samples=3", "--steps=2",
        f"--output={output}", f"--output_dir={tmp_path / 'each'}"],
       cwd=ROOT, env=env, check=True, timeout=600)

@@ -1,7 +1,9 @@
 """Subject and text judges: held-out accuracy, score semantics, save/load.
 
 Measured on the shared 2-core machine (load ~10, so wall times are ~5x an idle run):
-- fast variant (16 px, 60 subjects x 4 scenes, 150 steps): see `test_fast_judges_*`.
+- fast variant (16 px, 60 subjects x 4 scenes, 150 steps; 270 s wall at load 15):
+  subject pair accuracy 0.662, text attribute accuracy 0.555, text score own
+  prompt 0.382 vs shuffled 0.168.
 - default `train_judges()` (32 px, 200 subjects x 6 scenes, 500 steps): held-out
   subject pair accuracy 0.739, text attribute accuracy 0.715, text score own prompt
   0.563 vs a shuffled prompt 0.211 (per head: background 0.97, position 0.91,
@@ -24,10 +26,11 @@ def fast():
 def test_fast_judges_beat_chance_on_heldout_subjects(fast):
   _, _, report = fast
   print({k: round(v, 3) for k, v in report.items()})
-  # Chance: 0.5 for balanced pair accuracy; ~0.2 for the attributes (5-11 values).
+  # Chance: 0.5 for balanced pair accuracy; ~0.2 for the attributes (3-11 values).
+  # Measured 0.662 / 0.555 / 0.382 vs 0.168 (module docstring).
   assert report["subject_pair_accuracy"] >= 0.6
-  assert report["text_attribute_accuracy"] >= 0.5
-  assert report["text_score_matched"] >= report["text_score_mismatched"] + 0.2
+  assert report["text_attribute_accuracy"] >= 0.45
+  assert report["text_score_matched"] >= report["text_score_mismatched"] + 0.12
 
 
 def test_subject_score_prefers_the_same_subject(fast):
