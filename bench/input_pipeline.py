@@ -51,14 +51,14 @@ def beam_rate(work_dir: str, num_clusters: int, image_size: int, renderer: str) 
 
 def tfdata_rate(pattern: str, config, batches: int) -> dict[str, Any]:
   """Reads ICL-group batches with the training reader; groups (examples) per second."""
-  sec_model = config_lib.section(config_lib.UNetConfig, config.model)
+  model_cfg = config_lib.section(config_lib.UNetConfig, config.model)
   text = config_lib.section(config_lib.TextEncoderConfig, config.text)
   data = config_lib.section(config_lib.DataConfig, dict(config.data, pattern=pattern,
                                                         kind="icl_tfrecord"))
   batch_size = int(config.train.batch_size)
   reader = input_lib.make_input(
-      data, image_size=sec_model.image_size, text_len=text.max_length,
-      max_exemplars=sec_model.exemplar.max_exemplars, batch_size=batch_size,
+      data, image_size=model_cfg.image_size, text_len=text.max_length,
+      max_exemplars=model_cfg.exemplar.max_exemplars, batch_size=batch_size,
       tokenizer=tokenizers.build_tokenizer(text), process_index=0, process_count=1)
   timing = common.time_calls(lambda: next(reader), warmup=2, calls=batches)
   return {"batch_size": batch_size, "timing": timing.as_dict(),

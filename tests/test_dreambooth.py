@@ -3,6 +3,7 @@
 import dataclasses
 import io
 
+import flax.linen as nn
 import jax
 import numpy as np
 import PIL.Image
@@ -18,7 +19,8 @@ from suti_jax.models import unet as unet_lib
 from suti_jax.models.text import load_text_encoder
 
 # Short on purpose: 2 cores are shared. Measured (random-init tiny UNet, 16 px, Adam
-# lr 1e-3): instance loss 1.27 -> 0.22 after 60 steps (5.8x); see the asserts.
+# lr 1e-3, 40 steps): instance loss 1.283 -> 0.204 (6.3x) and 1.289 -> 0.212; prior
+# loss 1.27 -> 0.37 (the random model's class images are learnable too).
 _CFG = dataclasses.replace(dreambooth.ExpertConfig.tiny(), num_steps=40, num_class_images=4,
                            class_sampling_steps=2, max_parallel_experts=2)
 
@@ -30,7 +32,8 @@ def world():
   diffusion_cfg = config_lib.section(config_lib.DiffusionConfig, c.diffusion)
   text_cfg = config_lib.section(config_lib.TextEncoderConfig, c.text)
   encoder = load_text_encoder(text_cfg, jax.random.PRNGKey(0))
-  params = unet_lib.init_params(unet_cfg, jax.random.PRNGKey(1), text_cfg.max_length)["params"]
+  params = nn.unbox(
+      unet_lib.init_params(unet_cfg, jax.random.PRNGKey(1), text_cfg.max_length)["params"])
   rng = np.random.default_rng(0)
   subjects = []
   for seed in (11, 12):
@@ -90,7 +93,7 @@ def test_expert_loss_drops_and_prior_loss_is_computed(world, experts):
     print("losses before/after", before, after)
     assert np.isfinite(before["prior_loss"]) and before["prior_loss"] > 0
     assert np.isfinite(after["prior_loss"]) and after["prior_loss"] > 0
-    assert after["instance_loss"] < before["instance_loss"] / 2.5, (before, after)
+    assert after["instance_loss"] < before["instance_loss"] / 4, (before, after)
     # The prior term is a separate loss on the class images, not the instance loss.
     assert after["prior_loss"] != pytest.approx(after["instance_loss"], rel=1e-3)
 

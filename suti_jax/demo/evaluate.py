@@ -48,8 +48,8 @@ class Generated:
 
   Attributes:
     images: uint8 [N, H, W, 3].
-    seconds_per_subject: personalisation wall time per subject (compile
-      excluded), or None for methods that do not personalise.
+    seconds_per_subject: personalisation wall time per subject (compilation
+      amortised over the subjects), or None for methods that do not personalise.
   """
 
   images: np.ndarray
@@ -92,54 +92,42 @@ def suti(stage: StageModel, eval_set: Sequence[world_lib.EvalSubject], key: jax.
          num_steps: int) -> Generated:
   """SuTI in context: exemplars + prompt -> image, no fine-tuning.
 
-  One untimed call compiles first; each subject's time covers all its prompts.
+  The time per subject is the whole run's wall time (compilation included)
+  divided by the number of subjects, as for `dreambooth_experts`.
   """
   pipeline = Pipeline([stage])
-  first = eval_set[0]
-  pipeline.personalize(first.exemplar_images, first.exemplar_captions, first.prompts[0].prompt,
-                       1, key, num_steps=num_steps)
-  images, seconds = [], []
+  start = time.time()
+  images = []
   for s, subject in enumerate(eval_set):
-    start = time.time()
     for i, p in enumerate(subject.prompts):
       images.append(pipeline.personalize(
           subject.exemplar_images, subject.exemplar_captions, p.prompt, 1,
           jax.random.fold_in(key, s * 1000 + i), num_steps=num_steps)[0])
-    seconds.append(time.time() - start)
-  return Generated(np.stack(images), float(np.mean(seconds)))
+  return Generated(np.stack(images), (time.time() - start) / len(eval_set))
 
 
 def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubject],
                        expert_cfg: dreambooth.ExpertConfig, key: jax.Array,
                        num_steps: int) -> Generated:
-  """One DreamBooth expert per held-out subject, then its identifier prompts.
+  """One DreamBooth expert per held-out subject (class prior included), then its
+  identifier prompts.
 
-  A one-step fine-tune of the same subjects compiles everything first (untimed);
-  experts train vmapped in chunks, so the per-subject fine-tune time is the
-  timed run's wall time divided by the number of subjects.
+  Experts train vmapped in chunks, so the time per subject is the whole run's
+  wall time (class images, fine-tunes, sampling, compilation) divided by the
+  number of subjects.
   """
   spec = base.spec
   encoder = TextEncoder(spec.text, build_tokenizer(spec.text), base.text_params)
-  subjects = [(s.exemplar_images, s.class_noun) for s in eval_set]
   sampling = dataclasses.replace(spec.sampling, num_steps=num_steps)
-  common = dict(text_encoder=encoder, unet_cfg=spec.model, diffusion_cfg=spec.diffusion)
-  warm = dreambooth.finetune_experts(base.params, encoder, spec.model, spec.diffusion,
-                                     subjects, dataclasses.replace(expert_cfg, num_steps=1),
-                                     key)
-  dreambooth.render(warm[0], [p.expert_prompt for p in eval_set[0].prompts], key, sampling,
-                    **common)
   start = time.time()
-  experts = dreambooth.finetune_experts(base.params, encoder, spec.model, spec.diffusion,
-                                        subjects, expert_cfg, key)
-  jax.block_until_ready(experts)
-  finetune_s = (time.time() - start) / len(eval_set)
-  images, render_s = [], []
-  for s, (subject, expert) in enumerate(zip(eval_set, experts)):
-    start = time.time()
-    images.append(dreambooth.render(expert, [p.expert_prompt for p in subject.prompts],
-                                    jax.random.fold_in(key, s), sampling, **common))
-    render_s.append(time.time() - start)
-  return Generated(np.concatenate(images), finetune_s + float(np.mean(render_s)))
+  experts = dreambooth.finetune_experts(
+      base.params, encoder, spec.model, spec.diffusion,
+      [(s.exemplar_images, s.class_noun) for s in eval_set], expert_cfg, key)
+  images = [dreambooth.render(expert, [p.expert_prompt for p in subject.prompts],
+                              jax.random.fold_in(key, s), sampling, text_encoder=encoder,
+                              unet_cfg=spec.model, diffusion_cfg=spec.diffusion)
+            for s, (subject, expert) in enumerate(zip(eval_set, experts))]
+  return Generated(np.concatenate(images), (time.time() - start) / len(eval_set))
 
 
 def score(images: np.ndarray, eval_set: Sequence[world_lib.EvalSubject],

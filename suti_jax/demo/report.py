@@ -34,7 +34,7 @@ def _fmt(value: float | None) -> str:
 
 def _arrow(metric: str) -> str:
   better = evaluate.METRICS[metric][1]
-  return "" if better is None else (" (higher better)" if better else " (lower better)")
+  return "" if better is None else (" ↑" if better else " ↓")
 
 
 def methods_table(methods: dict[str, dict[str, float]]) -> list[str]:
@@ -131,6 +131,8 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
            "each with its exact ground-truth image. Images are compared at the base "
            "resolution.", "", "## Headline: method x metric", ""]
   lines += methods_table(metrics["methods"])
+  lines += ["", "↑ higher is better, ↓ lower is better; the last column is neither: it shows how "
+            "close a method's images are to one of its exemplars (copying)."]
   lines += ["", "## What the numbers show", ""]
   lines += [f"- {s}" for s in findings(metrics)]
   lines += ["", CAVEAT, "", "## Per skill", ""]
@@ -153,12 +155,14 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
   prompts_per_subject = eval_set.get("num_prompts", 0) // max(eval_set.get("num_subjects", 1), 1)
   lines += ["", "## Timings", "",
             f"Personalisation = everything needed to render one new subject's "
-            f"{prompts_per_subject} prompts, compilation excluded: SuTI samples with the "
-            "exemplars in context; DreamBooth fine-tunes an expert (experts train vmapped "
-            "together, so their time is divided by the number of subjects) and then samples.",
+            f"{prompts_per_subject} prompts: SuTI samples with the exemplars in context; "
+            "DreamBooth makes class-prior images, fine-tunes an expert and samples. Each is "
+            "one run over all held-out subjects (experts train vmapped together) divided by "
+            "the number of subjects, compilation included.",
             "", "| personalisation per subject | seconds |", "|---|---|"]
-  for method, seconds in metrics.get("personalization_s", {}).items():
-    lines.append(f"| {evaluate.METHOD_LABELS.get(method, method)} | {_fmt(seconds)} |")
+  timing = metrics.get("personalization_s", {})
+  lines += [f"| {evaluate.METHOD_LABELS[m]} | {timing[m]:.1f} |"
+            for m in evaluate.METHODS if m in timing]
   stages = metrics.get("stages", {})
   lines += ["", "| stage | wall s | CPU s |", "|---|---|---|"]
   lines += [f"| {name} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} |" for name, t in stages.items()]

@@ -131,7 +131,7 @@ class SubjectJudge:
   Attributes:
     config: the CNN's shape.
     threshold: cosine above which two images are called the same subject
-      (calibrated on the training subjects).
+      (calibrated on subjects kept out of training and evaluation).
   """
 
   def __init__(self, config: JudgeConfig, params: Any, threshold: float):
