@@ -178,3 +178,28 @@ def test_serve_example_serves_a_request_directory(exported, tmp_path):
                      for j in range(2)])
   want = reference.personalize(images, captions, "a toy on a beach", 2, jax.random.PRNGKey(5))
   _assert_close(served, want)
+
+
+@pytest.mark.slow
+def test_launch_train_then_launch_export_tiny(tmp_path):
+  """The issue's done-criterion: launch/train.py's checkpoint -> launch/export.py."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
+  config = "configs/imagen_base64.py:tiny"
+  workdir, out = str(tmp_path / "wd"), str(tmp_path / "export")
+  subprocess.run([sys.executable, "-m", "launch.train", f"--config={config}",
+                  f"--workdir={workdir}", "--config.train.total_steps=2",
+                  "--config.train.checkpoint_every_steps=2"],
+                 cwd=ROOT, env=env, check=True, timeout=1200)
+  subprocess.run([sys.executable, "-m", "launch.export", f"--checkpoint={workdir}",
+                  f"--config={config}", f"--output={out}", "--steps=2"],
+                 cwd=ROOT, env=env, check=True, timeout=1200)
+  with open(os.path.join(out, "model_card.json")) as f:
+    card = json.load(f)
+  assert card["serving_dtype"] == "bfloat16" and card["stages"][0]["training_step"] == 2
+  model = tf.saved_model.load(os.path.join(out, "saved_model"))
+  assert set(model.signatures) == {"text_to_image", "text_to_image_ids"}
+  got = model.text_to_image(["a red toy"] * 3, tf.constant(0))["images"].numpy()
+  reference = inference.Pipeline(serving.load_serving_checkpoint(
+      os.path.join(out, "serving_checkpoint")))
+  want = reference.text_to_image(["a red toy"], 3, jax.random.PRNGKey(0), num_steps=2)
+  _assert_close(got, want)
