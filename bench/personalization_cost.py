@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "Random-init models make the fidelity columns meaningless; pass the demo's "
            "checkpoints (`make demo` writes them under workdirs/demo/).",
            f"DreamBooth: {expert_cfg.num_class_images} class-prior images, "
-           f"{expert_cfg.num_steps} {expert_cfg.optimizer} steps (ExpertConfig.tiny), then "
+           f"{expert_cfg.num_steps} {expert_cfg.optimizer} steps at lr "
+           f"{expert_cfg.learning_rate:g}, then "
            "render; SuTI: one `Pipeline.personalize` call per prompt. Timings come from "
            "suti_jax.demo.evaluate, the same code the demo report uses."]
   return common.write_report(NAME, QUESTION, [table], results, smoke=args.smoke,

@@ -15,6 +15,7 @@ from typing import Any
 
 from bench import common
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run order: cheapest first, so a failure late on still leaves the earlier reports.
 SCRIPTS = ("roofline", "sharding_memory", "input_pipeline", "train_step_vs_peers",
            "personalization_cost")
@@ -26,10 +27,10 @@ def run_script(name: str, smoke: bool, out_dir: str) -> dict[str, Any]:
   Raises:
     RuntimeError: the script failed (its output tail is in the message).
   """
-  cmd = [sys.executable, "-m", f"bench.{name}", f"--out_dir={out_dir}"] + (["--smoke"] if smoke
-                                                                            else [])
+  cmd = [sys.executable, "-m", f"bench.{name}", f"--out_dir={out_dir}"]
   start = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  proc = subprocess.run(cmd + (["--smoke"] if smoke else []), cwd=REPO, capture_output=True,
+                        text=True, check=False)
   if proc.returncode != 0:
     raise RuntimeError(f"bench.{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   with open(os.path.join(out_dir, f"{name}.json"), encoding="utf-8") as f:
@@ -61,16 +62,17 @@ def main(argv: list[str] | None = None) -> int:
   unknown = sorted(set(names) - set(SCRIPTS))
   if unknown:
     raise SystemExit(f"unknown benchmark(s) {unknown}; known: {list(SCRIPTS)}")
+  out_dir = os.path.abspath(args.out_dir)
   reports, failures = [], {}
   for name in names:
     print(f"== bench.{name}", flush=True)
     try:
-      reports.append(run_script(name, args.smoke, args.out_dir))
+      reports.append(run_script(name, args.smoke, out_dir))
     except RuntimeError as e:
       failures[name] = str(e)
       print(e, file=sys.stderr, flush=True)
-  path = os.path.join(args.out_dir, "SUMMARY.md")
-  os.makedirs(args.out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "SUMMARY.md")
+  os.makedirs(out_dir, exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     f.write(summary_markdown(reports, failures))
   print(f"wrote {path}")

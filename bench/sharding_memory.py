@@ -64,7 +64,7 @@ def state_bytes(exp: experiment_lib.Experiment, counts: list[int]) -> list[dict[
   totals = {f: _bytes(getattr(unboxed, f), None) for f in FIELDS}
   rows = []
   for n in counts:
-    mesh = suti_step.mesh_of(jax.devices()[:n], fsdp=True)
+    mesh = suti_step.fsdp_mesh(jax.devices()[:n])
     shardings = state_lib.state_shardings(boxed, mesh, exp.sec.rules)
     rows.append({"devices": n, "total": totals,
                  "per_device": {f: _bytes(getattr(unboxed, f), getattr(shardings, f))
@@ -76,7 +76,7 @@ def compiled_bytes(exp: experiment_lib.Experiment, counts: list[int]) -> list[di
   """The compiled train step's per-device memory analysis under fsdp over each N."""
   rows = []
   for n in counts:
-    mesh = suti_step.mesh_of(jax.devices()[:n], fsdp=True)
+    mesh = suti_step.fsdp_mesh(jax.devices()[:n])
     abstract, _, abstract_batch = experiment_lib.sharded_shapes(exp, mesh)
     compiled = step_lib.compile_train_step(exp.step_fn, abstract, abstract_batch, mesh,
                                            exp.sec.rules)

@@ -125,10 +125,9 @@ class CompiledStep:
     jax.block_until_ready((self.state, metrics))
 
 
-def mesh_of(devices: list[Any], fsdp: bool) -> Mesh:
-  """All of `devices` on one axis: fsdp (params split) or data (replicated)."""
-  cfg = MeshConfig(ici_data=1, ici_fsdp=-1) if fsdp else MeshConfig(ici_data=-1, ici_fsdp=1)
-  return mesh_lib.make_mesh(cfg, devices)
+def fsdp_mesh(devices: list[Any]) -> Mesh:
+  """All of `devices` on the fsdp axis (params and batch split over them)."""
+  return mesh_lib.make_mesh(MeshConfig(ici_data=1, ici_fsdp=-1), devices)
 
 
 def compile_sampler(step: CompiledStep, num_images: int, num_steps: int):

@@ -33,7 +33,8 @@ FULL_SPEC = dict(image_size=32, base_channels=64, channel_mults=(1, 2, 4), num_r
 SMOKE_SPEC = dict(image_size=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=(1, 1),
                   attention_resolutions=(8,), num_heads=2, text_embed_dim=16, text_len=8,
                   batch_size=2)
-PEER_VENV = ".venv-bench"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_VENV = os.path.join(REPO, ".venv-bench")
 PEER_TIMEOUT_S = 3600
 
 
@@ -57,13 +58,14 @@ def run_peer(library: str, spec: dict[str, Any], warmup: int, steps: int,
              "threads": common.THREADS}
   env = dict(os.environ, HF_HOME=os.path.join(venv, "hf-home"), HF_HUB_OFFLINE="1",
              OMP_NUM_THREADS=str(common.THREADS), MKL_NUM_THREADS=str(common.THREADS),
-             PYTHONPATH=os.getcwd())
+             PYTHONPATH=REPO)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
     proc = subprocess.run(
         [os.path.join(venv, "bin", "python"), "-m", "bench.peer_torch",
          "--request", json.dumps(request), "--out", out],
-        env=env, capture_output=True, text=True, timeout=PEER_TIMEOUT_S, check=False)
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=PEER_TIMEOUT_S,
+        check=False)
     if proc.returncode != 0:
       raise RuntimeError(f"{library} peer failed:\n{proc.stderr[-3000:]}")
     with open(out, encoding="utf-8") as f:
@@ -88,11 +90,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = p.parse_args(argv)
   spec = dict(SMOKE_SPEC if args.smoke else FULL_SPEC)
   warmup, steps = (1, args.steps or 2) if args.smoke else (3, args.steps or 20)
-  skipped = peers_skipped(args.peers, args.peer_venv)
+  venv = os.path.abspath(args.peer_venv)
+  skipped = peers_skipped(args.peers, venv)
   notes = [skipped] if skipped else []
   systems = [run_suti(spec, warmup, steps)]
   if not skipped:
-    systems += [run_peer(lib, spec, warmup, steps, args.peer_venv)
+    systems += [run_peer(lib, spec, warmup, steps, venv)
                 for lib in peer_torch.LIBRARIES]
   suti = systems[0]
   table = common.Table(
@@ -115,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "with precomputed text embeddings.",
       "Architectures differ in detail (block layout, attention/FF internals), so the UNet "
       "parameter counts are shown beside the speeds.",
-      "CPU/wall well below the thread count means the cores were shared during the run.",
+      "CPU/wall well below the thread count means the cores were shared during the run; "
+      "torch's OpenMP regions suffer more from that than XLA's thread pool, so only ratios "
+      "from rows with CPU/wall near the thread count compare the libraries themselves.",
   ]
   return common.write_report(
       NAME, QUESTION, [table],

@@ -56,8 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=5 if small else 80, optimizer="adam", learning_rate=1e-3,
       batch_size=4, num_class_images=4 if small else 8, class_sampling_steps=4 if small else 8,
       max_parallel_experts=4 if small else 8))
+  # Fidelity filter on the judges' scores. The small run's judges train for seconds
+  # and score near chance, so it keeps every group.
   c.pipeline = ml_collections.ConfigDict(dict(
-      prompts_per_cluster=5, num_shards=2, min_subject_score=0.0, min_text_score=0.0))
+      prompts_per_cluster=5, num_shards=2, min_subject_score=-1.0 if small else 0.3,
+      min_text_score=0.0 if small else 0.25))
   c.eval = ml_collections.ConfigDict(dict(
       sampling_steps=4 if small else 16, num_grid_subjects=2 if small else 4))
   return c

@@ -3,6 +3,7 @@ the NaN halt that keeps the last good checkpoint, SIGTERM -> save, exit 0, resum
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
-  stopped = int(out.split("preempted at step ")[1].split(":")[0])
+  stopped = int(re.search(r"preempted at step (\d+)", out).group(1))
   assert os.path.isdir(workdir / "checkpoints" / str(stopped))
   done = subprocess.run(_train_cmd(workdir, stopped + 1), cwd=ROOT, env=env, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)

@@ -110,7 +110,8 @@ def test_vmapped_finetune_equals_separate_finetunes(world, experts):
     diff = _global_norm(jax.tree.map(lambda x, y: x - y, a, b))
     print("moved", moved, "diff", diff)
     assert moved > 0.1  # The experts did train.
-    assert diff < 0.05 * moved, (diff, moved)
+    # Measured: diff / moved = 5.7e-4 and 5.3e-4 (float reassociation under vmap).
+    assert diff < 1e-2 * moved, (diff, moved)
   # The two experts differ: each saw only its own subject.
   between = _global_norm(jax.tree.map(lambda x, y: x - y, together[0], together[1]))
   print("between", between)
@@ -128,11 +129,16 @@ def test_expert_target_renderer_renders_every_prompt(world):
   members = tuple(interfaces.WebRecord(f"id{i}", f"http://shop/{i}", "cap", _png(x))
                   for i, x in enumerate(images))
   cluster = interfaces.Cluster("shop", members, description=f"red and blue {noun}")
+  # As many prompts as class images, and the same sampler settings: the compiled
+  # sampler of the fixture is reused.
   prompts = [interfaces.PromptSpec("stylization", f"a photo of the red and blue {noun} in sepia"),
-             interfaces.PromptSpec("novel_view", f"red and blue {noun} upside down")]
+             interfaces.PromptSpec("novel_view", f"red and blue {noun} upside down"),
+             interfaces.PromptSpec("accessorization", f"a red and blue {noun} wearing a hat"),
+             interfaces.PromptSpec("recontextualization", f"the red and blue {noun} at night")]
   base = renderer_lib.BaseModel(
       world["params"], world["encoder"], world["unet_cfg"], world["diffusion_cfg"],
-      config_lib.SamplingConfig(num_steps=2))
+      config_lib.SamplingConfig(num_steps=_CFG.class_sampling_steps,
+                                guidance_scale=_CFG.class_guidance_scale))
   renderer = renderer_lib.make_target_renderer(
       base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2))
   renderer.setup()

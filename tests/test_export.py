@@ -155,7 +155,7 @@ def test_saved_model_matches_jax_sampler(exported):
   mesh = mesh_lib.make_mesh(MeshConfig(ici_data=1, ici_fsdp=8))
   served = inference.Pipeline(serving.load_serving_checkpoint(
       os.path.join(out, "serving_checkpoint"), mesh=mesh)).text_to_image(
-          ["a toy"], 3, jax.random.PRNGKey(3), guidance_scale=4.0)
+          ["a toy"], 3, jax.random.PRNGKey(3), guidance_scale=4.0, num_steps=3)
   _assert_close(served, want)
 
 

@@ -178,6 +178,7 @@ def get_config(arg=None):
 """
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_grid(tmp_path):
   output = tmp_path / "grid.png"
   (tmp_path / "micro.py").write_text(MICRO_CONFIG)

@@ -127,7 +127,7 @@ def _report(run: _Run, step: int, metrics: dict[str, jax.Array]) -> dict[str, fl
   """
   if not bool(jax.device_get(metrics["train/finite"])):
     raise NonFiniteError(
-        f"non-finite loss or gradient norm at step {step - 1}: update not applied, nothing "
+        f"non-finite loss or gradient norm at step {step}: update not applied, nothing "
         f"saved; latest complete checkpoint: step {run.ckpt.latest_step()} in {run.ckpt.directory}")
   train = run.exp.sec.train
   if step % train.log_every_steps and step != train.total_steps:
