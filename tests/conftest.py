@@ -6,6 +6,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests (and their subprocesses: CLIs, multi-host workers) compile the same
+# tiny train/sample steps; a persistent XLA cache shared by the whole run turns
+# the repeats into cache hits. Environment variables reach the subprocesses too.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # TensorFlow must not grab a GPU or preallocate anything in tests.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
