@@ -21,7 +21,7 @@ from suti_jax.data import synthetic
 RENDERERS = ("expert", "same_cluster", "oracle")
 # The module and factory the 'expert' renderer loads: make_target_renderer(**options)
 # must return a TargetRenderer (it owns fine-tuning or loading the experts).
-EXPERT_MODULE = "suti_jax.experts.target_renderer"
+EXPERT_MODULE = "suti_jax.experts.renderer"
 _STAGE = "expert_render"
 
 
@@ -71,7 +71,7 @@ class OracleRenderer(TargetRenderer):
 
 
 def expert_factory():
-  """`suti_jax.experts.target_renderer.make_target_renderer`, imported lazily.
+  """`suti_jax.experts.renderer.make_target_renderer`, imported lazily.
 
   Raises:
     ImportError: with what is missing and the alternatives.
@@ -97,7 +97,7 @@ def make_target_renderer(name: str, **options: Any) -> TargetRenderer:
 
   Raises:
     ValueError: unknown name.
-    ImportError: 'expert' when `suti_jax.experts.target_renderer` is unavailable.
+    ImportError: 'expert' when `suti_jax.experts.renderer` is unavailable.
   """
   if name == "same_cluster":
     return SameClusterRenderer(**options)
