@@ -66,7 +66,7 @@ def serve_request(model, card: dict, request_dir: str, num_samples: int,
              for _ in range(num_samples)]
   paths = sorted(p for p in os.listdir(request_dir) if p.lower().endswith(IMAGE_SUFFIXES))
   if not paths:
-    return model.text_to_image(prompt=tf.constant(prompts), seed=tf.constant(seed),
+    return model.signatures["text_to_image"](prompt=tf.constant(prompts), seed=tf.constant(seed),
                                guidance_scale=tf.constant(export["default_guidance_scale"]))[
                                    "images"].numpy()
   captions = _lines(os.path.join(request_dir, "captions.txt"))
@@ -76,7 +76,7 @@ def serve_request(model, card: dict, request_dir: str, num_samples: int,
   images = np.zeros((k_max, size, size, 3), np.uint8)
   images[:len(paths)] = [square_uint8(os.path.join(request_dir, p), size) for p in paths]
   mask = np.arange(k_max) < len(paths)
-  return model.personalize(
+  return model.signatures["personalize"](
       exemplar_images=tf.constant(images), exemplar_mask=tf.constant(mask),
       exemplar_captions=tf.constant(captions + [""] * (k_max - len(paths))),
       prompt=tf.constant(prompts), seed=tf.constant(seed),

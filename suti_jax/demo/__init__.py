@@ -5,6 +5,7 @@ as resumable stages, ending in reports/demo/REPORT.md; `run` is the entry point.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -72,7 +73,12 @@ class Demo:
     return self._eval_set
 
   def expert_config(self) -> dreambooth.ExpertConfig:
-    return dreambooth.ExpertConfig(**self.cfg.experts.to_dict())
+    """The DreamBooth recipe of the pipeline's teachers, and so of the baseline too.
+
+    The pipeline's expert renderer takes JSON options and fine-tunes with its
+    default `ExpertConfig.tiny()`; the held-out baseline uses the same recipe.
+    """
+    return dreambooth.ExpertConfig.tiny()
 
   def write_web(self) -> dict[str, Any]:
     jsonl = pipeline_read.write_jsonl_input(self.web, self.path("web"))
@@ -117,7 +123,7 @@ class Demo:
             "--runner=DirectRunner"]
     if renderer == "expert":
       # JSON kwargs of suti_jax.experts.renderer.ExpertTargetRenderer.
-      options = {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict()}
+      options = {"workdir": self.path("base")}
       argv.append(f"--renderer_options={json.dumps(options)}")
     summary = build_icl_groups.run(argv)
     if not summary["groups_written"]:
@@ -208,22 +214,23 @@ class Demo:
             f"{c.base.model.image_size} px x {c.base.train.total_steps} steps (batch "
             f"{c.base.train.batch_size}), SR {c.sr.model.low_res_size}->{c.sr.model.image_size} "
             f"px x {c.sr.train.total_steps}, SuTI x {c.suti.train.total_steps} steps (batch "
-            f"{c.suti.train.batch_size}) each, experts {c.experts.num_steps} steps, judges "
-            f"{c.judges.steps} steps, {c.eval.sampling_steps} sampling steps.")
+            f"{c.suti.train.batch_size}) each, experts {self.expert_config().num_steps} steps, "
+            f"judges {c.judges.steps} steps, {c.eval.sampling_steps} sampling steps.")
 
   # The recipe.
   def stages(self) -> list[Stage]:
     """The stages in order, each fingerprinted by its config and its inputs' fingerprints."""
     c = self.cfg.to_dict()
+    experts = dataclasses.asdict(self.expert_config())
     world = {"seed": c["seed"], "world": c["world"], "judge_seed": c["judges"]["seed"],
-             "identifier": self.expert_config().identifier}
+             "identifier": experts["identifier"]}
     steps = c["eval"]["sampling_steps"]
     specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
         ("web", self.write_web, world, ()),
         ("train_base", self.train_base, c["base"], ("web",)),
         ("train_sr", self.train_sr, c["sr"], ("web",)),
         ("train_judges", self.train_judges, c["judges"], ()),
-        ("icl_v2", lambda: self.build_groups("v2", "expert"), [c["pipeline"], c["experts"]],
+        ("icl_v2", lambda: self.build_groups("v2", "expert"), [c["pipeline"], experts],
          ("web", "train_base", "train_judges")),
         ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), c["pipeline"],
          ("web", "train_judges")),
@@ -231,7 +238,7 @@ class Demo:
         ("train_suti_v1", lambda: self.train_suti("v1"), c["suti"], ("train_base", "icl_v1")),
         ("generate_suti_v2", lambda: self.generate("suti_v2"), steps, ("train_suti_v2",)),
         ("generate_suti_v1", lambda: self.generate("suti_v1"), steps, ("train_suti_v1",)),
-        ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, c["experts"]],
+        ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, experts],
          ("train_base",)),
         ("generate_text_only", lambda: self.generate("text_only"), steps, ("train_base",)),
         ("evaluate", self.evaluate, None,

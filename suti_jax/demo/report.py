@@ -131,8 +131,8 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
            "each with its exact ground-truth image. Images are compared at the base "
            "resolution.", "", "## Headline: method x metric", ""]
   lines += methods_table(metrics["methods"])
-  lines += ["", "↑ higher is better, ↓ lower is better; the last column is neither: it shows how "
-            "close a method's images are to one of its exemplars (copying)."]
+  lines += ["", "↑ higher is better, ↓ lower is better; the last column is neither: it shows "
+            "how close a method's images are to one of its exemplars (copying)."]
   lines += ["", "## What the numbers show", ""]
   lines += [f"- {s}" for s in findings(metrics)]
   lines += ["", CAVEAT, "", "## Per skill", ""]
