@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   # Synthetic world. Web images are 32 px (the SR target); the base trains at 16.
   c.world = ml_collections.ConfigDict(dict(
-      num_clusters=12 if small else 24, web_size_px=32, image_size=16,
+      num_clusters=12 if small else 16, web_size_px=32, image_size=16,
       num_heldout_subjects=2 if small else 8, min_exemplars=3, max_exemplars=5,
       prompts_per_skill=1 if small else 2))
   # Step counts are sized for ~20 min on two idle cores, estimated from CPU seconds

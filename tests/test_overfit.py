@@ -21,10 +21,11 @@ from suti_jax.models import unet as unet_lib
 from suti_jax.models.text import load_text_encoder
 
 STEPS = 500
-# Measured on a 2-core CPU: loss 1.04 -> 0.043 (first/last 20-step means) and
-# sample MSE 0.0017 (images in [-1, 1]); the bounds below leave margin.
+# Measured on a 2-core CPU (tiny config, v-prediction): loss falls ~20x
+# (first/last 20-step means) and DDIM sample MSE is 0.009 (images in [-1, 1]);
+# with eps-prediction the same run samples at MSE 0.19.
 MIN_LOSS_DROP = 10.0
-MAX_SAMPLE_MSE = 0.02
+MAX_SAMPLE_MSE = 0.03
 
 
 def _configs():
@@ -81,6 +82,5 @@ def test_tiny_model_overfits_one_image_and_sampling_reproduces_it():
       sampling.sample, predict_fn, (2, 16, 16, 3), schedule=schedule, cfg=cfg,
       prediction=diffusion_cfg.prediction))(jax.random.PRNGKey(5))
   mse = float(jnp.mean((samples - x0) ** 2))
-  print("loss", first, last, first / last, "mse", mse)
   assert first / last >= MIN_LOSS_DROP, (first, last)
   assert mse < MAX_SAMPLE_MSE, mse
