@@ -98,14 +98,16 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
   name = "expert"
 
   def __init__(self, *, workdir: str = "", base: BaseModel | None = None,
-               expert_cfg: dreambooth.ExpertConfig | None = None,
+               expert_cfg: dreambooth.ExpertConfig | dict | None = None,
                sampling_cfg: SamplingConfig | None = None, max_images: int = 5):
     """Configures the renderer; nothing is loaded before `setup`.
 
     Args:
       workdir: trainer workdir of the base text-to-image stage (`load_base_model`).
       base: or the base model in memory (tests, the demo); exactly one of the two.
-      expert_cfg: fine-tuning recipe; default `ExpertConfig.tiny()`.
+      expert_cfg: fine-tuning recipe, or a dict of `ExpertConfig.tiny()` field
+        overrides (the pipeline's JSON `--renderer_options`); default
+        `ExpertConfig.tiny()`.
       sampling_cfg: how targets are sampled; default the base stage's.
       max_images: cluster images an expert trains on (DreamBooth: 3-5).
     """
@@ -113,6 +115,8 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
       raise ValueError("ExpertTargetRenderer needs exactly one of workdir= and base=")
     self._workdir = workdir
     self._base = base
+    if isinstance(expert_cfg, dict):
+      expert_cfg = dataclasses.replace(dreambooth.ExpertConfig.tiny(), **expert_cfg)
     self._expert_cfg = expert_cfg or dreambooth.ExpertConfig.tiny()
     self._sampling_cfg = sampling_cfg
     self._max_images = max_images

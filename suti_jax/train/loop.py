@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -79,7 +80,8 @@ def _init_from(exp: experiment_lib.Experiment, state: TrainState,
       imagen)
   source = checkpoint_lib.restore_params(exp.sec.init_from, target, use_ema=True)
   params = surgery.suti_from_imagen(source, state.params)
-  return state.replace(params=params, ema_params=params)
+  # A separate copy: the donated train step must not see one buffer twice.
+  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
 
 def _initial_state(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpointer,
