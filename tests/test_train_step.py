@@ -1,7 +1,6 @@
 """The sharded train step: same numbers on every mesh, params sharded per the
 rules, frozen params untouched, NaN steps not applied, SR stages, optimizer parts."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
