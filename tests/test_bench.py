@@ -83,6 +83,7 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", run_all.SCRIPTS)
+@pytest.mark.slow  # runs all five benchmarks end to end
 def test_smoke_report_is_well_formed(smoke, name):
   reports, summary = smoke
   r = reports[name]
@@ -95,6 +96,7 @@ def test_smoke_report_is_well_formed(smoke, name):
     assert t["rows"] and all(len(row) == len(t["headers"]) for row in t["rows"])
 
 
+@pytest.mark.slow  # runs all five benchmarks end to end
 def test_smoke_train_step_vs_peers(smoke):
   res = smoke[0]["train_step_vs_peers"]["results"]
   systems = res["systems"]
@@ -108,6 +110,7 @@ def test_smoke_train_step_vs_peers(smoke):
   assert res["suti_over_peer"]["suti_jax"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # runs all five benchmarks end to end
 def test_smoke_roofline(smoke):
   res = smoke[0]["roofline"]["results"]
   assert _positive(res["peak_gflops_per_s"])
@@ -119,6 +122,7 @@ def test_smoke_roofline(smoke):
   assert full == pytest.approx(2 * one)
 
 
+@pytest.mark.slow  # runs all five benchmarks end to end
 def test_smoke_sharding_memory(smoke):
   res = smoke[0]["sharding_memory"]["results"]
   rows = {r["devices"]: r for r in res["abstract"]}
@@ -132,6 +136,7 @@ def test_smoke_sharding_memory(smoke):
   assert compiled[2]["argument"] < compiled[1]["argument"]
 
 
+@pytest.mark.slow  # runs all five benchmarks end to end
 def test_smoke_input_pipeline(smoke):
   res = smoke[0]["input_pipeline"]["results"]
   assert res["beam"]["groups"] > 0
@@ -141,6 +146,7 @@ def test_smoke_input_pipeline(smoke):
     assert _positive(value)
 
 
+@pytest.mark.slow  # runs all five benchmarks end to end
 def test_smoke_personalization_cost(smoke):
   res = smoke[0]["personalization_cost"]["results"]
   assert res["num_images"] == 5  # One prompt per skill.

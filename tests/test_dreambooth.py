@@ -102,6 +102,7 @@ def _global_norm(tree) -> float:
   return float(np.sqrt(sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(tree))))
 
 
+@pytest.mark.slow  # several expert fine-tunes
 def test_vmapped_finetune_equals_separate_finetunes(world, experts):
   together, separate = experts
   base = jax.tree.map(np.asarray, world["params"])
@@ -124,6 +125,7 @@ def _png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+@pytest.mark.slow  # several expert fine-tunes
 def test_expert_target_renderer_renders_every_prompt(world):
   images, noun = world["subjects"][0]
   members = tuple(interfaces.WebRecord(f"id{i}", f"http://shop/{i}", "cap", _png(x))
