@@ -18,7 +18,7 @@ from suti_jax.experts import renderer as renderer_lib
 from suti_jax.models import unet as unet_lib
 from suti_jax.models.text import load_text_encoder
 
-# Short on purpose: 2 cores are shared. Measured (random-init tiny UNet, 16 px, Adam
+# Short on purpose: 2 cores are shared. Measured with eps-prediction (random-init tiny UNet, 16 px, Adam
 # lr 1e-3, 40 steps): instance loss 1.283 -> 0.204 (6.3x) and 1.289 -> 0.212; prior
 # loss 1.27 -> 0.37 (the random model's class images are learnable too).
 _CFG = dataclasses.replace(dreambooth.ExpertConfig.tiny(), num_steps=40, num_class_images=4,
@@ -93,7 +93,8 @@ def test_expert_loss_drops_and_prior_loss_is_computed(world, experts):
     print("losses before/after", before, after)
     assert np.isfinite(before["prior_loss"]) and before["prior_loss"] > 0
     assert np.isfinite(after["prior_loss"]) and after["prior_loss"] > 0
-    assert after["instance_loss"] < before["instance_loss"] / 4, (before, after)
+    # With v-prediction (the tiny configs' objective) measured 1.006 -> 0.293 (3.4x).
+    assert after["instance_loss"] < before["instance_loss"] / 2.5, (before, after)
     # The prior term is a separate loss on the class images, not the instance loss.
     assert after["prior_loss"] != pytest.approx(after["instance_loss"], rel=1e-3)
 

@@ -202,8 +202,8 @@ def test_renderers():
   same = expert_render.make_target_renderer("same_cluster", max_targets=3).render_targets(c, [], 0)
   assert [t.excluded_member for t in same] == [0, 1, 2]
   assert [t.prompt for t in same] == [m.caption for m in c.members[:3]]
-  with pytest.raises(ImportError, match="renderer=expert needs"):
-    expert_render.make_target_renderer("expert")
+  with pytest.raises(ValueError, match="workdir= and base="):
+    expert_render.make_target_renderer("expert")  # The expert needs a base model.
   with pytest.raises(ValueError):
     expert_render.make_target_renderer("dalle")
   missing_part = next(r for r in ("head", "base", "wing", "tail", "core")
