@@ -1,33 +1,24 @@
-"""Imagen 256->1024 super-resolution stage: Efficient UNet, no self-attention,
-text cross-attention only at the lowest resolution (Saharia et al. 2022)."""
+"""Imagen 256->1024 super-resolution stage: the sr256 Efficient UNet with no
+self-attention and text cross-attention only at the lowest resolution
+(Saharia et al. 2022)."""
 
 import ml_collections
 
 from configs import common
+from configs import imagen_sr256
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = common.parse_arg(arg)
-  c = common.skeleton("sr1024")
-  c.model = ml_collections.ConfigDict(dict(
-      image_size=1024, low_res_size=256, in_channels=3, out_channels=3,
-      base_channels=128, channel_mults=(1, 2, 4, 8), num_res_blocks=(2, 4, 8, 8),
-      attention_resolutions=(), cross_attention_resolutions=(128,),
-      text_attention="cross", num_heads=8, efficient=True,
-      text_embed_dim=4096, dropout=0.0, dtype="bfloat16",
-      param_dtype="float32", exemplar=None))
-  c.text = common.text_encoder(tiny=False)
-  c.diffusion.prediction = "v"
-  c.optimizer.name = "adam"
-  c.sampling.guidance_scale = 8.0
-  if "tiny" in opts:
+  c = imagen_sr256.get_config(arg)
+  c.stage = "sr1024"
+  c.model.attention_resolutions = ()
+  if "tiny" in common.parse_arg(arg):
     c.model.image_size = 64
     c.model.low_res_size = 32
-    c.model.base_channels = 16
-    c.model.channel_mults = (1, 2)
     c.model.num_res_blocks = (1, 1)
     c.model.cross_attention_resolutions = (32,)
-    c.model.dtype = "float32"
-    common.make_tiny(c)
-    c.sampling.guidance_scale = 3.0
+  else:
+    c.model.image_size = 1024
+    c.model.low_res_size = 256
+    c.model.cross_attention_resolutions = (128,)
   return c
