@@ -18,9 +18,13 @@ from suti_jax.eval import dreambench
 from suti_jax.eval import metrics
 from suti_jax.eval import report
 
-_METHOD = flags.DEFINE_enum("method", None, ["directory", "real", "noise"],
+_METHOD = flags.DEFINE_enum("method", None, ["directory", "real", "noise", "suti"],
                             "directory: images produced elsewhere (see --images_dir); real: the "
                             "subjects' own photos; noise: random pixels.")
+_CHECKPOINT = flags.DEFINE_list(
+    "checkpoint", None, "--method=suti: trained SuTI stage workdirs, base first.")
+_NUM_EXEMPLARS = flags.DEFINE_integer(
+    "num_exemplars", 3, "--method=suti: subject photos given as demonstrations.")
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None,
                                   "For --method=directory: <dir>/<subject>/<prompt_index>_<n>.png.")
 _DREAMBENCH_DIR = flags.DEFINE_string("dreambench_dir", "../shared/dreambench",
@@ -66,6 +70,13 @@ def _embedders() -> metrics.Embedders:
 
 
 def _method(benchmark: dreambench.Benchmark) -> dreambench.GenerationMethod:
+  if _METHOD.value == "suti":
+    if not _CHECKPOINT.value:
+      raise SystemExit("error: --method=suti needs --checkpoint (base[,sr...] workdirs)")
+    from suti_jax.eval import methods  # pylint: disable=import-outside-toplevel
+    from suti_jax import inference  # pylint: disable=import-outside-toplevel
+    stages = [inference.load_stage(path) for path in _CHECKPOINT.value]
+    return methods.SuTIMethod(inference.Pipeline(stages), _NUM_EXEMPLARS.value)
   if _METHOD.value == "directory":
     if not _IMAGES_DIR.value:
       raise SystemExit("error: --method=directory needs --images_dir")
