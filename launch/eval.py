@@ -18,13 +18,16 @@ from suti_jax.eval import dreambench
 from suti_jax.eval import metrics
 from suti_jax.eval import report
 
-_METHOD = flags.DEFINE_enum("method", None, ["directory", "real", "noise", "suti"],
+_METHOD = flags.DEFINE_enum("method", None, ["directory", "real", "noise", "suti", "dreambooth"],
                             "directory: images produced elsewhere (see --images_dir); real: the "
                             "subjects' own photos; noise: random pixels.")
 _CHECKPOINT = flags.DEFINE_list(
-    "checkpoint", None, "--method=suti: trained SuTI stage workdirs, base first.")
+    "checkpoint", None, "--method=suti: trained SuTI stage workdirs, base first; "
+    "--method=dreambooth: the text-to-image base stage workdir.")
 _NUM_EXEMPLARS = flags.DEFINE_integer(
     "num_exemplars", 3, "--method=suti: subject photos given as demonstrations.")
+_TINY_EXPERTS = flags.DEFINE_bool(
+    "tiny_experts", False, "--method=dreambooth: the CPU-scaled recipe, not the paper's.")
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None,
                                   "For --method=directory: <dir>/<subject>/<prompt_index>_<n>.png.")
 _DREAMBENCH_DIR = flags.DEFINE_string("dreambench_dir", "../shared/dreambench",
@@ -77,6 +80,14 @@ def _method(benchmark: dreambench.Benchmark) -> dreambench.GenerationMethod:
     from suti_jax import inference  # pylint: disable=import-outside-toplevel
     stages = [inference.load_stage(path) for path in _CHECKPOINT.value]
     return methods.SuTIMethod(inference.Pipeline(stages), _NUM_EXEMPLARS.value)
+  if _METHOD.value == "dreambooth":
+    if not _CHECKPOINT.value:
+      raise SystemExit("error: --method=dreambooth needs --checkpoint (a text-to-image workdir)")
+    from suti_jax.eval import methods  # pylint: disable=import-outside-toplevel
+    from suti_jax.experts import dreambooth, renderer  # pylint: disable=import-outside-toplevel
+    base = renderer.load_base_model(_CHECKPOINT.value[0])
+    return methods.DreamBoothMethod(base, dreambooth.ExpertConfig.tiny()
+                                    if _TINY_EXPERTS.value else dreambooth.ExpertConfig())
   if _METHOD.value == "directory":
     if not _IMAGES_DIR.value:
       raise SystemExit("error: --method=directory needs --images_dir")

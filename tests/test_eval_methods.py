@@ -1,5 +1,8 @@
-"""The SuTI generation method on DreamBench: the subject's photos in, images out,
-scored by the protocol (random tiny weights: bookkeeping, not quality)."""
+"""The suti_jax generation methods on DreamBench (SuTI, DreamBooth experts): the
+subject's photos in, images out, scored by the protocol (random tiny weights:
+bookkeeping, not quality)."""
+
+import dataclasses
 
 import os
 import pathlib
@@ -12,6 +15,8 @@ import train_testlib as tl
 from train_testlib import fast_compiles  # noqa: F401  (autouse fixture)
 from suti_jax import inference
 from suti_jax.eval import dreambench, metrics, methods
+from suti_jax.experts import dreambooth, renderer
+from suti_jax.models.text import load_text_encoder
 from suti_jax.train import experiment
 
 DATA = pathlib.Path(os.environ.get(
@@ -51,3 +56,22 @@ def test_suti_method_runs_the_protocol(method):
 def test_suti_method_needs_an_exemplar():
   with pytest.raises(ValueError, match="num_exemplars"):
     methods.SuTIMethod(pipeline=None, num_exemplars=0)
+
+
+def test_dreambooth_method_finetunes_once_per_subject_and_renders():
+  config = tl.micro_config()
+  sec = experiment.sections(config)
+  stage = inference.random_stage(sec, jax.random.PRNGKey(0))
+  base = renderer.BaseModel(
+      stage.params, load_text_encoder(sec.text, jax.random.PRNGKey(0)), sec.model,
+      sec.diffusion, dataclasses.replace(sec.sampling, num_steps=2, guidance_scale=1.0))
+  cfg = dataclasses.replace(dreambooth.ExpertConfig.tiny(), num_steps=2, num_class_images=2,
+                            class_sampling_steps=2, batch_size=2)
+  method = methods.DreamBoothMethod(base, cfg)
+  benchmark = dreambench.load_benchmark(DATA, subjects=["dog"])
+  (subject,) = benchmark.subjects
+  images = method.generate(subject, benchmark.prompts(subject)[0], 2, seed=0)
+  assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+  expert = method._expert(subject)  # pylint: disable=protected-access
+  method.generate(subject, benchmark.prompts(subject)[1], 1, seed=1)
+  assert method._expert(subject) is expert  # pylint: disable=protected-access
