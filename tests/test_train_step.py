@@ -1,6 +1,9 @@
 """The sharded train step: same numbers on every mesh, params sharded per the
 rules, frozen params untouched, NaN steps not applied, SR stages, optimizer parts."""
 
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,11 +37,12 @@ def base():
               batches=batches, metrics=metrics, final=jax.device_get(state.params))
 
 
-@pytest.mark.parametrize("data, fsdp", [
-    (2, 4), pytest.param(8, 1, marks=pytest.mark.slow), pytest.param(1, 8, marks=pytest.mark.slow)])
-def test_sharded_step_matches_single_device(base, data, fsdp):
+@pytest.mark.parametrize("data, fsdp, tensor", [
+    (2, 4, 1), (2, 2, 2), pytest.param(8, 1, 1, marks=pytest.mark.slow),
+    pytest.param(1, 8, 1, marks=pytest.mark.slow)])
+def test_sharded_step_matches_single_device(base, data, fsdp, tensor):
   exp = base["exp"]
-  mesh = mesh_lib.make_mesh(MeshConfig(ici_data=data, ici_fsdp=fsdp))
+  mesh = mesh_lib.make_mesh(MeshConfig(ici_data=data, ici_fsdp=fsdp, ici_tensor=tensor))
   _, shardings, compiled = tl.compile_on(exp, mesh)
   state = jax.device_put(base["host_state"], shardings)
   for batch, ref in zip(base["batches"], base["metrics"]):
@@ -55,6 +59,20 @@ def test_sharded_step_matches_single_device(base, data, fsdp):
   specs = [a.sharding.spec for a in jax.tree.leaves(state.params) if a.ndim == 4]
   assert any("fsdp" in s for s in specs) == (fsdp > 1)
   assert all("data" not in str(s) for s in specs)
+
+
+def test_activation_sharding_constraints_reach_the_lowered_step():
+  """The model's logical activation names become sharding constraints: images and
+  tokens split their batch over (data, fsdp) and keep their channels whole."""
+  exp = experiment.build(experiment.sections(tl.micro_config("suti")))
+  mesh = mesh_lib.make_mesh(MeshConfig(ici_data=2, ici_fsdp=2, ici_tensor=2))
+  abstract, _, batch = experiment.sharded_shapes(exp, mesh)
+  text = step_lib.lower_train_step(exp.step_fn, abstract, batch, mesh, exp.sec.rules).as_text()
+  specs = collections.Counter(re.findall(r"sdy.sharding_constraint %\S+ <@mesh, (\[.*?\])>", text))
+  image = '[{"data", "fsdp"}, {}, {}, {}]'
+  tokens = '[{"data", "fsdp"}, {}, {}]'
+  assert specs[image] >= 10, specs
+  assert specs[tokens] >= 2, specs
 
 
 def test_non_finite_step_is_not_applied(base):

@@ -40,23 +40,46 @@ def masked_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return jnp.einsum("bnqm,bmnd->bqnd", weights, v)
 
 
-def head_projection(num_heads: int, head_dim: int, *, dtype: DTypeLike,
-                    param_dtype: DTypeLike, name: str) -> nn.DenseGeneral:
-  """[..., D] -> [..., heads, head_dim] with kernel axes (EMBED, HEADS, KV)."""
-  return nn.DenseGeneral(
-      (num_heads, head_dim), use_bias=False, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=layers.boxed(nn.initializers.lecun_normal(),
-                               (axes.EMBED, axes.HEADS, axes.KV)), name=name)
+class HeadProjection(nn.Module):
+  """[..., D] -> [..., heads, head_dim]; kernel axes (EMBED, HEADS, KV).
+
+  A plain parameter and an einsum rather than `nn.DenseGeneral`: DenseGeneral
+  initialises a flat 2-D kernel and reshapes it, which breaks a 3-D logical
+  constraint once a mesh is set while tracing.
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        "kernel", layers.boxed(nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                               (axes.EMBED, axes.HEADS, axes.KV)),
+        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+    return jnp.einsum("...d,dnh->...nh", x.astype(self.dtype), kernel.astype(self.dtype))
 
 
-def output_projection(features: int, *, zero_init: bool, dtype: DTypeLike,
-                      param_dtype: DTypeLike, name: str) -> nn.DenseGeneral:
-  """[..., heads, head_dim] -> [..., features], kernel axes (HEADS, KV, EMBED)."""
-  kernel_init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
-  return nn.DenseGeneral(
-      features, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
-      kernel_init=layers.boxed(kernel_init, (axes.HEADS, axes.KV, axes.EMBED)),
-      bias_init=layers.boxed(nn.initializers.zeros, (axes.EMBED,)), name=name)
+class OutputProjection(nn.Module):
+  """[..., heads, head_dim] -> [..., features]; kernel axes (HEADS, KV, EMBED)."""
+
+  features: int
+  zero_init: bool = False
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = (nn.initializers.zeros if self.zero_init
+            else nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2))
+    kernel = self.param("kernel", layers.boxed(init, (axes.HEADS, axes.KV, axes.EMBED)),
+                        (*x.shape[-2:], self.features), self.param_dtype)
+    bias = self.param("bias", layers.boxed(nn.initializers.zeros, (axes.EMBED,)),
+                      (self.features,), self.param_dtype)
+    y = jnp.einsum("...nh,nhf->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
 
 
 class AttentionBlock(nn.Module):
@@ -91,7 +114,7 @@ class AttentionBlock(nn.Module):
     b, height, width, c = x.shape
     head_dim = c // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    proj = lambda name: head_projection(self.num_heads, head_dim, name=name, **kw)
+    proj = lambda name: HeadProjection(self.num_heads, head_dim, name=name, **kw)
     tokens = layers.group_norm(c, name="norm", **kw)(x)
     tokens = rearrange(tokens, "b h w c -> b (h w) c")
     q = proj("query")(tokens)
@@ -115,7 +138,7 @@ class AttentionBlock(nn.Module):
       masks.append(jnp.ones((b, 1), bool))
     out = masked_attention(q, jnp.concatenate(keys, 1), jnp.concatenate(values, 1),
                            jnp.concatenate(masks, 1))
-    out = output_projection(c, zero_init=self.zero_init_out, name="out", **kw)(out)
+    out = OutputProjection(c, zero_init=self.zero_init_out, name="out", **kw)(out)
     return layers.constrain_image(
         rearrange(out, "b (h w) c -> b h w c", h=height, w=width))
 
@@ -149,10 +172,10 @@ class AttentionPool(nn.Module):
     null_value = self.param("null_value", init, shape, self.param_dtype)
     tokens = tokens.astype(self.dtype)
     expand = lambda p: jnp.broadcast_to(p.astype(self.dtype), (b, 1) + shape)
-    k = jnp.concatenate([expand(null_key), head_projection(
+    k = jnp.concatenate([expand(null_key), HeadProjection(
         self.num_heads, head_dim, name="key", **kw)(tokens)], axis=1)
-    v = jnp.concatenate([expand(null_value), head_projection(
+    v = jnp.concatenate([expand(null_value), HeadProjection(
         self.num_heads, head_dim, name="value", **kw)(tokens)], axis=1)
     full_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
     pooled = masked_attention(expand(query), k, v, full_mask)[:, 0]
-    return output_projection(self.features, zero_init=False, name="out", **kw)(pooled)
+    return OutputProjection(self.features, name="out", **kw)(pooled)

@@ -171,14 +171,14 @@ class _ExemplarCrossAttention(nn.Module):
     _, height, width, c = x.shape
     head_dim = c // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    proj = lambda name: attention.head_projection(self.num_heads, head_dim, name=name, **kw)
+    proj = lambda name: attention.HeadProjection(self.num_heads, head_dim, name=name, **kw)
     queries = rearrange(layers.group_norm(c, name="norm", **kw)(x), "b h w c -> b (h w) c")
     if self.position_embedding:
       queries = queries + position_embedding_2d(height, width, c).astype(self.dtype)
     out = attention.masked_attention(
         proj("query")(queries), proj("context_key")(context),
         proj("context_value")(context), mask.astype(bool))
-    out = attention.output_projection(c, zero_init=True, name="out", **kw)(out)
+    out = attention.OutputProjection(c, zero_init=True, name="out", **kw)(out)
     return rearrange(out, "b (h w) c -> b h w c", h=height, w=width)
 
 

@@ -241,26 +241,35 @@ def train_step(state: TrainState, batch: Batch, *, grad_fn: GradFn,
   return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
 
-def compile_train_step(step_fn: Callable[..., Any], abstract_state: TrainState,
-                       abstract_batch: Batch, mesh: Mesh, rules: sharding_lib.Rules):
-  """Jits the partial'd step with explicit shardings, lowers and compiles once.
+def lower_train_step(step_fn: Callable[..., Any], abstract_state: TrainState,
+                     abstract_batch: Batch, mesh: Mesh, rules: sharding_lib.Rules):
+  """Jits the partial'd step with explicit shardings and lowers it.
+
+  The mesh is set while tracing, so the model's `with_logical_constraint`
+  calls become activation sharding constraints (without a mesh flax drops them).
 
   Args:
     step_fn: `functools.partial(train_step, grad_fn=..., ...)`.
     abstract_state: ShapeDtypeStructs carrying the state shardings.
     abstract_batch: ShapeDtypeStructs carrying the global batch shardings.
     mesh: the mesh.
-    rules: logical axis rules, active while tracing (activation constraints).
+    rules: logical axis rules.
 
   Returns:
-    The compiled step, (state, batch) -> (state, metrics); the state is donated.
+    The `jax.stages.Lowered` step; the state argument is donated.
   """
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   jitted = jax.jit(step_fn, in_shardings=(shardings(abstract_state), shardings(abstract_batch)),
                    out_shardings=(shardings(abstract_state), NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=0)
-  with nn.logical_axis_rules(rules):
-    compiled = jitted.lower(abstract_state, abstract_batch).compile()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jitted.lower(abstract_state, abstract_batch)
+
+
+def compile_train_step(step_fn: Callable[..., Any], abstract_state: TrainState,
+                       abstract_batch: Batch, mesh: Mesh, rules: sharding_lib.Rules):
+  """`lower_train_step(...)` compiled: (state, batch) -> (state, metrics)."""
+  compiled = lower_train_step(step_fn, abstract_state, abstract_batch, mesh, rules).compile()
   logging.info("compiled train step; memory per device: %s", compiled.memory_analysis())
   return compiled
 
