@@ -3,6 +3,7 @@ the whole demo at `configs/demo.py:small`, twice (the second run skips every sta
 
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -68,6 +69,58 @@ def test_runner_reruns_on_missing_output_or_new_fingerprint(tmp_path):
   assert calls == ["a"]
   with pytest.raises(ValueError, match="duplicate"):
     StageRunner(workdir, lambda _: None).run([_stage("a", calls, tmp_path)] * 2)
+
+
+def test_parallel_runner_overlaps_independent_stages_and_orders_dependent_ones(tmp_path):
+  workdir = str(tmp_path / "wd")
+  events = {name: threading.Event() for name in ("a", "b")}
+  order = []
+
+  def meet(name, other):
+    def fn():
+      order.append(f"{name} start")
+      events[name].set()
+      # Only returns True if the other stage runs at the same time.
+      met = events[other].wait(timeout=10)
+      order.append(f"{name} end")
+      return {"met": met}
+    return fn
+
+  def after():
+    order.append("c start")
+    return {}
+
+  stages = [Stage("a", meet("a", "b")), Stage("b", meet("b", "a")),
+            Stage("c", after, deps=("a", "b"))]
+  markers = StageRunner(workdir, lambda _: None).run(stages, workers=2)
+  assert markers["a"]["outputs"]["met"] and markers["b"]["outputs"]["met"]
+  assert order[-1] == "c start" and order.index("c start") > order.index("a end")
+  assert list(markers) == ["a", "b", "c"]
+
+
+def test_parallel_runner_lets_running_stages_finish_after_a_failure(tmp_path):
+  workdir = str(tmp_path / "wd")
+  calls = []
+  slow_started = threading.Event()
+
+  def slow():
+    slow_started.set()
+    time.sleep(0.3)
+    calls.append("slow")
+    return {}
+
+  def failing():
+    slow_started.wait(timeout=10)
+    raise RuntimeError("failing stage broke")
+
+  stages = [Stage("slow", slow), Stage("failing", failing),
+            _stage("later", calls, tmp_path)]
+  with pytest.raises(RuntimeError, match="failing stage broke"):
+    StageRunner(workdir, lambda _: None).run(stages, workers=2)
+  assert calls == ["slow"]  # 'later' never started; 'slow' finished and kept its marker.
+  assert os.path.exists(os.path.join(workdir, "markers", "slow.json"))
+  with pytest.raises(ValueError, match="depends on"):
+    StageRunner(workdir, lambda _: None).run([Stage("x", dict, deps=("y",)), Stage("y", dict)])
 
 
 def _fabricated_metrics():

@@ -24,14 +24,16 @@ from suti_jax.experts import dreambooth
 from suti_jax.experts import judges as judges_lib
 from suti_jax.inference import load_stage
 from suti_jax.train import loop
+from suti_jax.train import preemption
 
 
 class Preempted(RuntimeError):
   """A training stage stopped early (SIGTERM); re-running resumes it."""
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str, source: Any = None) -> dict[str, Any]:
-  result = loop.run(cfg, workdir, input_source=source)
+def _train(cfg: ml_collections.ConfigDict, workdir: str, watcher: preemption.PreemptionWatcher,
+           source: Any = None) -> dict[str, Any]:
+  result = loop.run(cfg, workdir, input_source=source, watcher=watcher)
   if result.get("preempted"):
     raise Preempted(f"training in {workdir} was preempted at step {result['step']:.0f}; "
                     "run the demo again to resume")
@@ -42,8 +44,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, source: Any = None) -> 
 class Demo:
   """The demo's stages over one config, workdir and report folder."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str,
+               watcher: preemption.PreemptionWatcher | None = None):
     self.cfg = config
+    # One SIGTERM watcher for every training stage: stages may run on worker
+    # threads, and only the main thread can install a signal handler.
+    self.watcher = watcher or preemption.PreemptionWatcher()
     self.workdir = os.path.abspath(workdir)
     self.report_dir = os.path.abspath(report_dir)
     self._web = None
@@ -73,12 +79,9 @@ class Demo:
     return self._eval_set
 
   def expert_config(self) -> dreambooth.ExpertConfig:
-    """The DreamBooth recipe of the pipeline's teachers, and so of the baseline too.
-
-    The pipeline's expert renderer takes JSON options and fine-tunes with its
-    default `ExpertConfig.tiny()`; the held-out baseline uses the same recipe.
-    """
-    return dreambooth.ExpertConfig.tiny()
+    """The DreamBooth recipe of the pipeline's teachers, and so of the baseline too:
+    `ExpertConfig.tiny()` with the config's `experts` overrides."""
+    return dataclasses.replace(dreambooth.ExpertConfig.tiny(), **self.cfg.experts.to_dict())
 
   def write_web(self) -> dict[str, Any]:
     jsonl = pipeline_read.write_jsonl_input(self.web, self.path("web"))
@@ -96,10 +99,10 @@ class Demo:
 
   # Training.
   def train_base(self) -> dict[str, Any]:
-    return _train(self.cfg.base, self.path("base"), self.caption_source())
+    return _train(self.cfg.base, self.path("base"), self.watcher, self.caption_source())
 
   def train_sr(self) -> dict[str, Any]:
-    return _train(self.cfg.sr, self.path("sr"), self.caption_source())
+    return _train(self.cfg.sr, self.path("sr"), self.watcher, self.caption_source())
 
   def train_judges(self) -> dict[str, Any]:
     j = self.cfg.judges
@@ -123,7 +126,7 @@ class Demo:
             "--runner=DirectRunner"]
     if renderer == "expert":
       # JSON kwargs of suti_jax.experts.renderer.ExpertTargetRenderer.
-      options = {"workdir": self.path("base")}
+      options = {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict()}
       argv.append(f"--renderer_options={json.dumps(options)}")
     summary = build_icl_groups.run(argv)
     if not summary["groups_written"]:
@@ -136,7 +139,7 @@ class Demo:
     cfg = copy.deepcopy(self.cfg.suti)
     cfg.init_from = self.path("base", "checkpoints")
     cfg.data.pattern = self.path(f"icl_{version}", "icl-*")
-    return _train(cfg, self.path(f"suti_{version}"))
+    return _train(cfg, self.path(f"suti_{version}"), self.watcher)
 
   # Evaluation.
   def generate(self, method: str) -> dict[str, Any]:
@@ -244,12 +247,14 @@ class Demo:
         ("evaluate", self.evaluate, None,
          ("train_judges", "generate_suti_v2", "generate_suti_v1", "generate_dreambooth",
           "generate_text_only")),
-        ("report", self.write_report, [self.report_dir, c["eval"]], ("evaluate",)),
     ]
+    # The report reads every stage's marker (train_sr's too, which no other stage needs).
+    specs.append(("report", self.write_report, [self.report_dir, c["eval"]],
+                  tuple(name for name, *_ in specs)))
     fingerprints, out = {}, []
     for name, fn, own, deps in specs:
       fingerprints[name] = [own, [fingerprints[d] for d in deps], world]
-      out.append(Stage(name, fn, fingerprints[name]))
+      out.append(Stage(name, fn, fingerprints[name], deps))
     return out
 
   def stage_names(self) -> list[str]:
@@ -268,5 +273,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     stage name -> marker (outputs, wall_s, skipped).
   """
-  demo = Demo(config, workdir, report_dir)
-  return StageRunner(demo.workdir).run(demo.stages())
+  watcher = preemption.PreemptionWatcher().install()
+  try:
+    demo = Demo(config, workdir, report_dir, watcher)
+    return StageRunner(demo.workdir).run(demo.stages(), workers=config.get("workers", 1))
+  finally:
+    watcher.close()

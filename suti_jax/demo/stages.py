@@ -1,10 +1,12 @@
-"""The demo's stage runner: runs named stages in order, shows progress and writes a
-done-marker (outputs, wall time, config fingerprint) per stage, so a re-run skips
-finished stages and an interrupted run resumes at the first unfinished one.
+"""The demo's stage runner: runs named stages in dependency order (several at once
+on worker threads when asked), shows progress and writes a done-marker (outputs,
+wall time, config fingerprint) per stage, so a re-run skips finished stages and an
+interrupted run resumes at the unfinished ones.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -28,11 +30,14 @@ class Stage:
       absolute) that must exist for the stage to count as done.
     fingerprint: what the outputs depend on (e.g. the stage's config); a marker
       with another fingerprint is stale and the stage runs again.
+    deps: names of the stages whose outputs this one reads; it starts only after
+      they are done.
   """
 
   name: str
   fn: Callable[[], dict[str, Any]]
   fingerprint: Any = None
+  deps: tuple[str, ...] = ()
 
 
 def fingerprint_of(value: Any) -> str:
@@ -69,44 +74,96 @@ class StageRunner:
       return None
     return marker
 
-  def run(self, stages: Sequence[Stage]) -> dict[str, dict[str, Any]]:
-    """Runs every stage that is not done, in order.
+  def run(self, stages: Sequence[Stage], workers: int = 1) -> dict[str, dict[str, Any]]:
+    """Runs every stage that is not done, each after its dependencies.
 
     Args:
-      stages: the stages; later stages may read earlier stages' files.
+      stages: the stages; a stage's `deps` must come earlier in the list.
+      workers: how many stages may run at once (threads). XLA's CPU kernels for
+        small models keep about one core busy, so two independent stages on two
+        cores take about the time of one.
 
     Returns:
       stage name -> its marker: {'outputs', 'wall_s', 'cpu_s', 'skipped',
-      'fingerprint'}; the times are those of the run that produced the outputs.
+      'fingerprint'}; the times are those of the run that produced the outputs
+      ('cpu_s' counts the whole process, so it includes any stage that ran beside).
+
+    Raises:
+      The first failing stage's exception, after the stages already running
+      have finished (their markers are kept).
     """
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
       raise ValueError(f"duplicate stage names in {names}")
-    markers = {}
-    progress = tqdm.tqdm(stages, desc="demo", unit="stage")
-    for i, stage in enumerate(progress):
-      progress.set_postfix_str(stage.name)
-      marker = self.done(stage)
-      if marker is not None:
-        self._log(f"[{i + 1}/{len(stages)}] {stage.name}: done already "
-                  f"({marker['wall_s']:.0f} s when it ran), skipped")
-        markers[stage.name] = dict(marker, skipped=True)
-        continue
-      self._log(f"[{i + 1}/{len(stages)}] {stage.name}: running")
-      start, start_cpu = time.time(), time.process_time()
-      outputs = stage.fn()
-      # CPU seconds (all threads) next to wall time: on a shared machine they tell
-      # how long the stage would take on idle cores.
-      marker = {"outputs": outputs, "wall_s": time.time() - start,
-                "cpu_s": time.process_time() - start_cpu,
-                "fingerprint": fingerprint_of(stage.fingerprint)}
-      # Written last and atomically: a stage killed mid-way leaves no marker.
-      tmp = self.marker_path(stage.name) + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(marker, f, indent=1, sort_keys=True, default=repr)
-      os.replace(tmp, self.marker_path(stage.name))
-      self._log(f"[{i + 1}/{len(stages)}] {stage.name}: finished in {marker['wall_s']:.0f} s "
-                f"({marker['cpu_s']:.0f} CPU s)")
-      markers[stage.name] = dict(marker, skipped=False)
-    progress.close()
-    return markers
+    for i, stage in enumerate(stages):
+      unknown = set(stage.deps) - set(names[:i])
+      if unknown:
+        raise ValueError(f"stage {stage.name!r} depends on {sorted(unknown)}, "
+                         "which are not earlier stages")
+    markers: dict[str, dict[str, Any]] = {}
+    self._progress = tqdm.tqdm(total=len(stages), desc="demo", unit="stage")
+    index = {s.name: i for i, s in enumerate(stages)}
+    pending = list(stages)
+    running: dict[concurrent.futures.Future, Stage] = {}
+    failure: Exception | None = None
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+      while pending or running:
+        if failure is None:
+          self._start_ready(pending, running, markers, pool, workers, index)
+        if not running:
+          if failure is None and pending:
+            raise RuntimeError(f"stages {[s.name for s in pending]} can not start")
+          break
+        finished, _ = concurrent.futures.wait(
+            running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in finished:
+          stage = running.pop(future)
+          try:
+            markers[stage.name] = dict(future.result(), skipped=False)
+          except Exception as e:  # pylint: disable=broad-except
+            failure = failure or e
+            continue
+          m = markers[stage.name]
+          self._log(f"[{index[stage.name] + 1}/{len(stages)}] {stage.name}: finished in "
+                    f"{m['wall_s']:.0f} s ({m['cpu_s']:.0f} CPU s)")
+          self._progress.update()
+    self._progress.close()
+    if failure is not None:
+      raise failure
+    return {name: markers[name] for name in names}
+
+  def _start_ready(self, pending: list[Stage], running: dict, markers: dict[str, Any],
+                   pool: concurrent.futures.Executor, workers: int, index: dict[str, int]) -> None:
+    """Skips done stages and submits ready ones (deps done) while workers are free."""
+    total = len(index)
+    progressed = True
+    while progressed:  # A skipped stage may make later ones ready.
+      progressed = False
+      for stage in [s for s in pending if all(d in markers for d in s.deps)]:
+        marker = self.done(stage)
+        if marker is not None:
+          self._log(f"[{index[stage.name] + 1}/{total}] {stage.name}: done already "
+                    f"({marker['wall_s']:.0f} s when it ran), skipped")
+          markers[stage.name] = dict(marker, skipped=True)
+          pending.remove(stage)
+          self._progress.update()
+          progressed = True
+        elif len(running) < max(1, workers):
+          self._log(f"[{index[stage.name] + 1}/{total}] {stage.name}: running")
+          running[pool.submit(self._run_one, stage)] = stage
+          pending.remove(stage)
+
+  def _run_one(self, stage: Stage) -> dict[str, Any]:
+    start, start_cpu = time.time(), time.process_time()
+    outputs = stage.fn()
+    # CPU seconds (all threads) next to wall time: on a shared machine they tell
+    # how long the stage would take on idle cores.
+    marker = {"outputs": outputs, "wall_s": time.time() - start,
+              "cpu_s": time.process_time() - start_cpu,
+              "fingerprint": fingerprint_of(stage.fingerprint)}
+    # Written last and atomically: a stage killed mid-way leaves no marker.
+    tmp = self.marker_path(stage.name) + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(marker, f, indent=1, sort_keys=True, default=repr)
+    os.replace(tmp, self.marker_path(stage.name))
+    return marker
