@@ -16,6 +16,7 @@ from suti_jax.eval import clip_tokenizer
 from suti_jax.eval import convert
 from suti_jax.eval import dino
 from suti_jax.eval import metrics
+from suti_jax.models import hf_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -126,7 +127,7 @@ def test_dino_parity(tmp_path):
 def test_dino_converter_errors_name_the_key(tmp_path):
   _tiny_vit(tmp_path)
   config, _ = convert.convert_dino_dir(tmp_path)
-  state = convert.load_hf_state_dict(tmp_path)
+  state = dict(hf_checkpoint.read_checkpoint(tmp_path))
   target = jax.eval_shape(dino.DinoViT(config).init, jax.random.key(0), np.zeros((1, 32, 32, 3)))
   mapping = convert.dino_mapping(config)
   key = "encoder.layer.1.attention.attention.value.weight"

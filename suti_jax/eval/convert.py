@@ -5,6 +5,7 @@ Also the converted format (msgpack params + JSON config) and loading either form
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import pathlib
@@ -17,8 +18,11 @@ import numpy as np
 
 from suti_jax.eval import clip
 from suti_jax.eval import dino
+from suti_jax.models import hf_checkpoint
 
 Params = dict[str, Any]
+# HF key -> array-like in the torch layout (`np.asarray` reads it), as `read_checkpoint` returns.
+StateDict = collections.abc.Mapping[str, Any]
 # (flax path below `params`, HF key, transform from the torch layout to the flax layout).
 Mapping = list[tuple[tuple[str, ...], str, Callable[[np.ndarray], np.ndarray]]]
 
@@ -114,12 +118,12 @@ def clip_mapping(config: clip.CLIPConfig) -> Mapping:
   return out + _clip_tower("text_encoder", t, config.text.num_layers)
 
 
-def convert(state_dict: dict[str, np.ndarray], mapping: Mapping,
+def convert(state_dict: StateDict, mapping: Mapping,
             target: Params) -> Params:
   """Rearranges an HF state dict into a Flax param tree, checking every key and shape.
 
   Args:
-    state_dict: HF key -> array (torch layout).
+    state_dict: e.g. from `hf_checkpoint.read_checkpoint`.
     mapping: from `dino_mapping` / `clip_mapping`.
     target: the model's param tree or its `jax.eval_shape` (gives the expected shapes).
 
@@ -141,7 +145,7 @@ def convert(state_dict: dict[str, np.ndarray], mapping: Mapping,
   for path, key, transform in mapping:
     if key not in state_dict:
       raise ConversionError(f"checkpoint lacks key {key!r} (for flax param {'/'.join(path)})")
-    array = np.asarray(state_dict[key], np.float32)
+    array = np.array(state_dict[key], np.float32)  # A copy: checkpoints are memory-mapped.
     want = tuple(expected[path].shape)
     try:
       value = transform(array)
@@ -155,34 +159,7 @@ def convert(state_dict: dict[str, np.ndarray], mapping: Mapping,
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def load_hf_state_dict(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads the weights `save_pretrained` wrote: safetensors (single or sharded) or a .bin.
-
-  Args:
-    directory: the checkpoint folder.
-
-  Returns:
-    HF key -> numpy array.
-  """
-  directory = pathlib.Path(directory)
-  # Imported here: only converting HF checkpoints needs safetensors (not a core requirement).
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  if (directory / "model.safetensors").is_file():
-    return load_file(directory / "model.safetensors")
-  index = directory / "model.safetensors.index.json"
-  if index.is_file():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return {k: v for shard in shards for k, v in load_file(directory / shard).items()}
-  if (directory / "pytorch_model.bin").is_file():
-    # Only legacy .bin checkpoints need torch; the library never imports it otherwise.
-    import torch  # pylint: disable=g-import-not-at-top
-    state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
-  raise FileNotFoundError(f"no model.safetensors, model.safetensors.index.json or "
-                          f"pytorch_model.bin in {directory}")
-
-
-def _strip_prefix(state_dict: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+def _strip_prefix(state_dict: StateDict, prefix: str) -> StateDict:
   """Drops a wrapper prefix (e.g. `vit.` from `ViTForImageClassification`) if every key has it."""
   if state_dict and all(k.startswith(prefix) for k in state_dict):
     return {k[len(prefix):]: v for k, v in state_dict.items()}
@@ -202,7 +179,7 @@ def convert_dino_dir(directory: str | pathlib.Path) -> tuple[dino.DinoConfig, Pa
   config = dino.DinoConfig.from_hf(json.loads((directory / "config.json").read_text()))
   shape = (1, config.image_size, config.image_size, 3)
   target = jax.eval_shape(dino.DinoViT(config).init, jax.random.key(0), jnp.zeros(shape))["params"]
-  state = _strip_prefix(load_hf_state_dict(directory), "vit.")
+  state = _strip_prefix(hf_checkpoint.read_checkpoint(directory), "vit.")
   return config, convert(state, dino_mapping(config), target)
 
 
@@ -220,7 +197,7 @@ def convert_clip_dir(directory: str | pathlib.Path) -> tuple[clip.CLIPConfig, Pa
   size = config.vision.image_size
   target = jax.eval_shape(clip.CLIP(config).init, jax.random.key(0), jnp.zeros((1, size, size, 3)),
                           jnp.zeros((1, config.text.max_length), jnp.int32))["params"]
-  return config, convert(load_hf_state_dict(directory), clip_mapping(config), target)
+  return config, convert(hf_checkpoint.read_checkpoint(directory), clip_mapping(config), target)
 
 
 def save(path: str | pathlib.Path, model: str, config: Any, params: Params) -> None:

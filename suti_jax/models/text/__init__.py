@@ -1,11 +1,11 @@
 """The frozen T5 v1.1 text encoder: module, tokenizers, checkpoint conversion."""
 
-from suti_jax.models.text.convert import CheckpointError
+from suti_jax.models.hf_checkpoint import CheckpointError
+from suti_jax.models.hf_checkpoint import read_checkpoint
 from suti_jax.models.text.convert import config_from_hf
 from suti_jax.models.text.convert import hf_to_params
 from suti_jax.models.text.convert import load_hf_encoder
 from suti_jax.models.text.convert import load_params
-from suti_jax.models.text.convert import read_checkpoint
 from suti_jax.models.text.convert import save_params
 from suti_jax.models.text.encoder import load_text_encoder
 from suti_jax.models.text.encoder import precompute_embeddings
