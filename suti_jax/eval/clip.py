@@ -74,18 +74,10 @@ class CLIPConfig:
       The matching `CLIPConfig`.
     """
     # Optional keys fall back to transformers 5's `CLIP*Config` defaults, as HF does.
-    v, t = hf["vision_config"], hf["text_config"]
-    vision = CLIPVisionConfig(
-        hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"],
-        num_heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
-        patch_size=v.get("patch_size", 32), image_size=v.get("image_size", 224),
-        layer_norm_eps=v.get("layer_norm_eps", 1e-5), hidden_act=v.get("hidden_act", "quick_gelu"))
-    text = CLIPTextConfig(
-        vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
-        num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
-        mlp_dim=t["intermediate_size"], max_length=t.get("max_position_embeddings", 77),
-        layer_norm_eps=t.get("layer_norm_eps", 1e-5), hidden_act=t.get("hidden_act", "quick_gelu"),
-        eos_token_id=t.get("eos_token_id", 49407))
+    vision = vit.config_from_hf(CLIPVisionConfig, hf["vision_config"], patch_size=32,
+                                image_size=224, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+    text = vit.config_from_hf(CLIPTextConfig, hf["text_config"], ("vocab_size",), max_length=77,
+                              layer_norm_eps=1e-5, hidden_act="quick_gelu", eos_token_id=49407)
     return cls(vision=vision, text=text, projection_dim=hf.get("projection_dim", 512))
 
   @classmethod

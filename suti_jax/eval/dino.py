@@ -46,12 +46,9 @@ class DinoConfig:
     Returns:
       The matching `DinoConfig`.
     """
-    # Optional keys fall back to `ViTConfig`'s defaults, as HF does for older config.json files.
-    return cls(hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-               num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-               patch_size=hf.get("patch_size", 16), image_size=hf.get("image_size", 224),
-               layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-               hidden_act=hf.get("hidden_act", "gelu"), qkv_bias=hf.get("qkv_bias", True))
+    # Optional keys fall back to `ViTConfig`'s defaults.
+    return vit.config_from_hf(cls, hf, patch_size=16, image_size=224, layer_norm_eps=1e-12,
+                              hidden_act="gelu", qkv_bias=True)
 
 
 class DinoViT(nn.Module):

@@ -1,11 +1,11 @@
-"""Pre-LayerNorm transformer blocks and image preprocessing shared by DINO and CLIP.
+"""Pre-LayerNorm ViT blocks, HF config reading and image preprocessing shared by DINO and CLIP.
 
 HF `ViTModel` and `CLIPModel` use the same block: x += attn(ln1(x)); x += mlp(ln2(x)).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping, TypeVar
 
 import einops
 import flax.linen as nn
@@ -17,6 +17,34 @@ from PIL import Image
 # Evaluation models are small and scores are compared across hardware: full fp32 matmuls
 # keep TPU (bf16-pass default) embeddings equal to CPU/GPU ones.
 PRECISION = jax.lax.Precision.HIGHEST
+
+ConfigT = TypeVar("ConfigT")
+
+# Config fields that HF's `ViTConfig` / `CLIPVisionConfig` / `CLIPTextConfig` name differently;
+# every other field has the same name there.
+_HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "mlp_dim": "intermediate_size", "max_length": "max_position_embeddings"}
+_HF_SIZES = ("hidden_size", "num_layers", "num_heads", "mlp_dim")
+
+
+def config_from_hf(cls: type[ConfigT], hf: Mapping[str, Any], required: tuple[str, ...] = (),
+                   **optional: Any) -> ConfigT:
+  """Builds a tower config dataclass from an HF config dict.
+
+  Args:
+    cls: the config class, e.g. `DinoConfig` or `CLIPTextConfig`.
+    hf: the parsed config.json (or its `vision_config` / `text_config` part).
+    required: fields that must be present besides the transformer sizes (hidden_size,
+      num_layers, num_heads, mlp_dim), which always must.
+    **optional: fields read when present, else these values (the HF config class's defaults,
+      as HF does for older config.json files).
+
+  Returns:
+    `cls(...)` with every field named above.
+  """
+  values = {f: hf[_HF_KEYS.get(f, f)] for f in required + _HF_SIZES}
+  values.update({f: hf.get(_HF_KEYS.get(f, f), default) for f, default in optional.items()})
+  return cls(**values)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
