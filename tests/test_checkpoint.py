@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import train_testlib as tl
 from train_testlib import fast_compiles  # noqa: F401  (autouse fixture)
@@ -88,6 +89,32 @@ def test_non_finite_step_halts_and_keeps_last_good_checkpoint(tmp_path):
   assert int(state.step) == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
   ckpt.close()
+
+
+def test_loop_writes_metrics_sample_grids_and_tensorboard_images(tmp_path):
+  config = tl.micro_config(total_steps=2, log_every_steps=1, sample_every_steps=2,
+                           checkpoint_every_steps=2)
+  loop.run(config, str(tmp_path), input_source=tl.caption_source())
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  scalars = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in scalars] == [1, 2]
+  for key in ("train/grad_norm", "train/lr", "perf/step_s", "perf/examples_per_s",
+              "perf/tflops_per_device", "perf/mfu"):
+    assert np.isfinite(scalars[-1][key]), key
+  # The PNG grid: NUM_SAMPLES images of the stage's size, 2x2.
+  size = config.model.image_size
+  grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))
+  assert grid.shape == (2 * size, 2 * size, 3) and grid.dtype == np.uint8
+  assert grid.std() > 0  # Samples, not a blank canvas.
+  # The same grid as a TensorBoard image summary at step 2 (clu writes images as
+  # tensor summaries).
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  events = event_accumulator.EventAccumulator(
+      str(tmp_path), size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  assert "samples" in events.Tags()["tensors"], events.Tags()
+  assert [e.step for e in events.Tensors("samples")] == [2]
 
 
 def _train_cmd(workdir, total_steps):
