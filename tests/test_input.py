@@ -1,4 +1,4 @@
-"""Tests for suti_jax.data.input: batches, sharding, determinism, resume, corruption."""
+"""Tests for suti_jax.data.input/sources: batches, sharding, determinism, resume, corruption."""
 
 import json
 

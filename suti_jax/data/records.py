@@ -18,7 +18,7 @@ from suti_jax.data import images
 
 SCHEMA_VERSION = 1
 
-# In-graph parse specs (suti_jax.data.input). A required scalar has no
+# In-graph parse specs (suti_jax.data.sources). A required scalar has no
 # default, so a missing key fails the parse; lists are checked after parsing.
 ICL_FEATURES = {
     "schema_version": tf.io.FixedLenFeature([], tf.int64),

@@ -1,0 +1,209 @@
+"""Input sources: ICL / caption TFRecords and in-memory examples -> tf.data pipelines.
+
+Each source shards its elements per process, shuffles each epoch as a pure
+function of (seed, epoch), parses and validates elements in-graph and, for
+TFRecords, names a rejected record host-side; `input.InputIterator` batches them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import tensorflow as tf
+
+from suti_jax.data import images
+from suti_jax.data import records
+
+# Each TFRecord is framed by 16 bytes (u64 length, u32 CRC, data, u32 CRC), so
+# a file was read to its end iff the framed record sizes add up to its size.
+_FRAMING_BYTES = 16
+_OK, _TRUNCATED, _END = 0, 1, 2
+_MAX_PARALLEL_FILES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """What one source kind plugs into the shared epoch pipeline.
+
+  Attributes:
+    raw_epoch: epoch -> this process's raw elements, shuffled; a pure function
+      of (seed, epoch), so an epoch can be rebuilt to resume or to explain.
+    process: in-graph raw element -> {image, prompt[, exemplar_images,
+      exemplar_captions]} with all exemplars present; fails on a bad record.
+    explain: host-side, raises RecordError for a raw element `process`
+      rejected; None for trusted in-memory sources (errors always propagate).
+  """
+
+  raw_epoch: Callable[[int], tf.data.Dataset]
+  process: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
+  explain: Callable[[dict[str, Any]], None] | None
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The seed of one epoch's shuffle and exemplar choices."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _shuffle(ds: tf.data.Dataset, buffer: int, seed: int) -> tf.data.Dataset:
+  if buffer <= 1:
+    return ds
+  return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+
+
+def _checked(asserts: list[tf.Operation], fn: Callable[[], Any]) -> Any:
+  """Runs `fn` after `asserts` (tf.data functions may prune unused asserts)."""
+  with tf.control_dependencies(asserts):
+    return fn()
+
+
+def _read_file(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+  """One file's records as {file, index, kind, record}, plus a truncation mark."""
+  # A DataLoss error (truncated file, bad CRC) ends the file under
+  # ignore_errors; the byte count then tells it apart from a clean end.
+  records_ds = tf.data.TFRecordDataset(path).ignore_errors()
+  records_ds = records_ds.map(lambda r: (r, tf.constant(False)))
+  end = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
+
+  def step(state, item):
+    index, consumed = state
+    record, is_end = item
+    kind = tf.where(is_end, tf.where(consumed == size, _END, _TRUNCATED), _OK)
+    length = tf.cast(tf.strings.length(record), tf.int64) + _FRAMING_BYTES
+    element = dict(file=path, index=index, kind=kind, record=record)
+    return (index + 1, consumed + length), element
+
+  zero = tf.constant(0, tf.int64)
+  marked = records_ds.concatenate(end).scan((zero, zero), step)
+  return marked.filter(lambda e: e["kind"] != _END)
+
+
+def _parse_tf(raw: dict[str, tf.Tensor], features: dict[str, Any],
+              image_size: int, icl: bool) -> dict[str, tf.Tensor]:
+  """In-graph parse, validation, decode and resize of one TFRecord record."""
+  readable = tf.debugging.Assert(
+      tf.equal(raw["kind"], _OK), ["truncated or corrupt TFRecord data"])
+  parsed = _checked([readable], lambda: tf.io.parse_single_example(
+      raw["record"], features))
+  checks = [tf.debugging.Assert(
+      tf.equal(parsed["schema_version"], records.SCHEMA_VERSION),
+      ["field 'schema_version': unsupported version"])]
+  image_key, prompt_key = ("target/image", "target/prompt") if icl else (
+      "image", "caption")
+  if icl:
+    exemplar_bytes = tf.sparse.to_dense(parsed["exemplar/image"])
+    captions = tf.sparse.to_dense(parsed["exemplar/caption"])
+    count = tf.size(exemplar_bytes)
+    checks += [
+        tf.debugging.Assert(tf.equal(count, tf.size(captions)),
+                            ["field 'exemplar/caption': count mismatch"]),
+        tf.debugging.Assert(count > 0, ["field 'exemplar/image': none"])]
+
+  def decode(data, field):
+    return images.preprocess_tf(images.decode_tf(data, field), image_size)
+
+  out = {"image": _checked(checks, lambda: decode(parsed[image_key], image_key)),
+         "prompt": parsed[prompt_key]}
+  if icl:
+    out["exemplar_images"] = _checked(checks, lambda: tf.map_fn(
+        lambda data: decode(data, "exemplar/image"), exemplar_bytes,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
+                                          tf.float32)))
+    out["exemplar_captions"] = captions
+  return out
+
+
+def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
+                       process_index: int, process_count: int, seed: int,
+                       shuffle_buffer: int) -> Pipeline:
+  """Files sharded per process (records, if there are fewer files)."""
+  files = sorted(tf.io.gfile.glob(pattern)) if pattern else []
+  if not files:
+    raise FileNotFoundError(f"data.pattern {pattern!r} matches no files")
+  by_record = len(files) < process_count
+  mine = files if by_record else files[process_index::process_count]
+  sizes = np.array([tf.io.gfile.stat(f).length for f in mine], np.int64)
+
+  def raw_epoch(epoch: int) -> tf.data.Dataset:
+    order = np.random.default_rng([seed, epoch]).permutation(len(mine))
+    ds = tf.data.Dataset.from_tensor_slices(
+        ([mine[i] for i in order], sizes[order]))
+    ds = ds.interleave(_read_file,
+                       cycle_length=min(len(mine), _MAX_PARALLEL_FILES),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if by_record:
+      ds = ds.filter(lambda e: e["index"] % process_count == process_index)
+    return _shuffle(ds, shuffle_buffer, epoch_seed(seed, epoch))
+
+  parse = records.parse_icl_group if icl else records.parse_caption_example
+
+  def explain(raw: dict[str, Any]) -> None:
+    source = records.record_source(raw["file"].decode(), int(raw["index"]))
+    if raw["kind"] == _TRUNCATED:
+      raise records.RecordError(source, "<tfrecord>",
+                                "truncated or corrupt TFRecord data; the rest "
+                                "of the file is unreadable")
+    parse(raw["record"], source=source)
+
+  features = records.ICL_FEATURES if icl else records.CAPTION_FEATURES
+  return Pipeline(
+      raw_epoch, lambda raw: _parse_tf(raw, features, image_size, icl), explain)
+
+
+def _memory_element(example: Any, icl: bool, index: int) -> dict[str, Any]:
+  """Checks one in-memory example and converts it to a generator element."""
+  where = f"source[{index}]"
+  if not icl:
+    image, caption = example
+    return {"image": images.check_array(image, field=f"{where}.image"),
+            "prompt": str(caption)}
+  exemplars = [images.check_array(e, field=f"{where}.exemplar_images[{i}]")
+               for i, e in enumerate(example["exemplar_images"])]
+  captions = [str(c) for c in example["exemplar_captions"]]
+  if not exemplars or len(exemplars) != len(captions):
+    raise ValueError(f"{where}: {len(exemplars)} exemplar images and "
+                     f"{len(captions)} captions (need 1..K, one caption each)")
+  if len({e.shape for e in exemplars}) > 1:
+    raise ValueError(f"{where}.exemplar_images: one group's exemplars must "
+                     f"share a shape, got {[e.shape for e in exemplars]}")
+  return {"image": images.check_array(example["target_image"],
+                                      field=f"{where}.target_image"),
+          "prompt": str(example["target_prompt"]),
+          "exemplar_images": np.stack(exemplars),
+          "exemplar_captions": np.array(captions, dtype=object)}
+
+
+def memory_pipeline(source: Callable[[], Iterable[Any]] | Iterable[Any], *,
+                     icl: bool, image_size: int, process_index: int,
+                     process_count: int, seed: int,
+                     shuffle_buffer: int) -> Pipeline:
+  """Examples sharded round-robin across processes, then shuffled."""
+  if not callable(source) and iter(source) is source:
+    raise TypeError("source: a one-shot iterator can not be replayed each "
+                    "epoch; pass a callable returning an iterable, or a list")
+  signature = {"image": tf.TensorSpec([None, None, 3], tf.uint8),
+               "prompt": tf.TensorSpec([], tf.string)}
+  if icl:
+    signature.update(
+        exemplar_images=tf.TensorSpec([None, None, None, 3], tf.uint8),
+        exemplar_captions=tf.TensorSpec([None], tf.string))
+
+  def generate():
+    examples = source() if callable(source) else source
+    for i, example in enumerate(examples):
+      if i % process_count == process_index:
+        yield _memory_element(example, icl, i)
+
+  def raw_epoch(epoch: int) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return _shuffle(ds, shuffle_buffer, epoch_seed(seed, epoch))
+
+  def process(raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    out = dict(raw, image=images.preprocess_tf(raw["image"], image_size))
+    if icl:
+      out["exemplar_images"] = images.preprocess_tf(raw["exemplar_images"],
+                                                    image_size)
+    return out
+
+  return Pipeline(raw_epoch, process, None)
