@@ -73,6 +73,19 @@ def test_aot_compiles_tiny_config_for_local_devices():
   assert report["flops_per_device"] > 0 and report["memory"]["argument"] > 0
 
 
+def test_aot_compiles_for_a_tpu_topology_with_libtpu():
+  """Runs where libtpu is installed (`pip install "jax[tpu]"`, no TPU needed): the
+  tiny config compiles for a v5e 2x2 slice and reports TPU memory."""
+  pytest.importorskip("libtpu")
+  config = imagen_base64.get_config("tiny")
+  config.mesh.ici_data, config.mesh.ici_fsdp = 1, -1
+  devices, note = compile_aot.target_devices("v5e:2x2")
+  assert len(devices) == 4 and devices[0].platform == "tpu", note
+  report = compile_aot.compile_report(config, "v5e:2x2")
+  assert "TPU topology v5e:2x2" in report["note"] and "fsdp=4" in report["mesh"]
+  assert report["flops_per_device"] > 0 and report["memory"]["argument"] > 0
+
+
 def test_tpu_script_is_valid_bash():
   script = os.path.join(ROOT, "launch", "tpu", "create_and_train.sh")
   assert os.access(script, os.X_OK)
