@@ -44,18 +44,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # stage's wall and CPU seconds). The critical path is base -> expert-rendered ICL
   # groups -> SuTI v2; the SR stage only shows that the cascade trains (the
   # evaluation runs at the base resolution), so it gets a short run.
-  c.base = _stage(imagen_base64, steps=20 if small else 400, batch_size=8 if small else 32,
+  c.base = _stage(imagen_base64, steps=20 if small else 300, batch_size=8 if small else 32,
                   learning_rate=1e-3)
   c.sr = _stage(imagen_sr256, steps=10 if small else 60, batch_size=8,
                 learning_rate=1e-3)
-  c.suti = _stage(suti_base64, steps=10 if small else 120, batch_size=8 if small else 16,
+  c.suti = _stage(suti_base64, steps=10 if small else 100, batch_size=8 if small else 16,
                   learning_rate=1e-3)
   # DreamBooth experts, the pipeline's teachers and the baseline alike:
   # `ExpertConfig.tiny()` with these fields replaced.
   c.experts = ml_collections.ConfigDict(dict(num_steps=40 if small else 100))
   # Judges: trained on their own subjects (disjoint from web and held-out ones).
   c.judges = ml_collections.ConfigDict(dict(
-      image_size=16, num_subjects=24 if small else 200, steps=20 if small else 500,
+      image_size=16, num_subjects=24 if small else 200, steps=20 if small else 400,
       scenes_per_subject=6, num_heldout_subjects=4 if small else 24,
       batch_size=16 if small else 64, seed=7))
   # Fidelity filter on the judges' scores. The subject bar is about the judge's

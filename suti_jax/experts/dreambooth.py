@@ -47,6 +47,8 @@ class ExpertConfig:
     identifier: the rare token that names the subject ("a sks dog").
     max_parallel_experts: experts vmapped in one step (bounded by memory: each
       holds a parameter and optimizer-state copy).
+    max_instance_images: subject images are zero-padded to at least this many
+      slots, so subjects with 3, 4 or 5 images share one compiled step.
   """
 
   num_steps: int = 500
@@ -60,6 +62,7 @@ class ExpertConfig:
   class_guidance_scale: float = 1.35
   identifier: str = "sks"
   max_parallel_experts: int = 8
+  max_instance_images: int = 5
 
   @classmethod
   def tiny(cls) -> ExpertConfig:
@@ -159,10 +162,19 @@ def render(expert_params: Params, prompts: Sequence[str], key: jax.Array,
   Returns:
     uint8 [N, H, W, 3].
   """
-  emb, mask = text_encoder.encode(list(prompts))
+  # Batches are padded to a power of two (repeating the last prompt), so a
+  # stream of varying prompt counts compiles the sampler a few times, not once
+  # per count.
+  padded = list(prompts) + [prompts[-1]] * (_bucket(len(prompts)) - len(prompts))
+  emb, mask = text_encoder.encode(padded)
   images = _sample(nn.unbox(expert_params), emb, mask, key, unet_cfg=unet_cfg,
                    diffusion_cfg=diffusion_cfg, sampling_cfg=sampling_cfg)
-  return to_uint8(images)
+  return to_uint8(images[:len(prompts)])
+
+
+def _bucket(n: int) -> int:
+  """The smallest power of two >= n."""
+  return 1 << max(0, n - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +326,7 @@ def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
       [class_prompt(n) for n in nouns])))))
   inst_emb, inst_mask = map(np.asarray, text_encoder.encode(
       [instance_prompt(noun, cfg.identifier) for _, noun in subjects]))
-  k_max = max(len(images) for images, _ in subjects)
+  k_max = max([cfg.max_instance_images] + [len(images) for images, _ in subjects])
   out = []
   for i, (images, noun) in enumerate(subjects):
     if images.shape[1:3] != (unet_cfg.image_size, unet_cfg.image_size):
@@ -332,7 +344,9 @@ def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
 def finetune_prepared(base_params: Params, data: Sequence[dict[str, np.ndarray]],
                       unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig,
                       cfg: ExpertConfig, key: jax.Array) -> list[Params]:
-  """Fine-tunes one expert per prepared subject, `cfg.max_parallel_experts` at a time.
+  """Fine-tunes one expert per prepared subject, at most `cfg.max_parallel_experts`
+  at a time, in chunks of equal size (the last one padded with a repeat whose
+  result is dropped), so the vmapped step compiles once.
 
   Subject i's randomness is `fold_in(key, i)`, so the result does not depend on
   how subjects are grouped into vmapped chunks.
@@ -350,17 +364,20 @@ def finetune_prepared(base_params: Params, data: Sequence[dict[str, np.ndarray]]
   tx = make_optimizer(cfg.optimizer_config())
   statics = _StepStatics.of(unet_cfg, diffusion_cfg, cfg)
   experts = []
-  for start in range(0, len(data), cfg.max_parallel_experts):
-    chunk = data[start:start + cfg.max_parallel_experts]
-    s = len(chunk)
-    params = jax.tree.map(lambda x: jnp.stack([x] * s), base)
+  num_chunks = -(-len(data) // max(1, cfg.max_parallel_experts))
+  size = -(-len(data) // max(1, num_chunks))
+  for start in range(0, len(data), size):
+    chunk = list(data[start:start + size])
+    real = len(chunk)
+    chunk += [chunk[-1]] * (size - real)
+    params = jax.tree.map(lambda x: jnp.stack([x] * size), base)
     opt_state = jax.vmap(tx.init)(params)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
-    keys = jnp.stack([jax.random.fold_in(key, start + i) for i in range(s)])
+    keys = jnp.stack([jax.random.fold_in(key, start + i) for i in range(size)])
     for step in range(cfg.num_steps):
       params, opt_state, _ = _train_step(params, opt_state, stacked, keys,
                                          jnp.int32(step), statics=statics)
-    experts += [jax.tree.map(lambda x, i=i: x[i], params) for i in range(s)]
+    experts += [jax.tree.map(lambda x, i=i: x[i], params) for i in range(real)]
   return experts
 
 
