@@ -95,6 +95,10 @@ def test_parallel_runner_overlaps_independent_stages_and_orders_dependent_ones(t
   markers = StageRunner(workdir, lambda _: None).run(stages, workers=2)
   assert markers["a"]["outputs"]["met"] and markers["b"]["outputs"]["met"]
   assert order[-1] == "c start" and order.index("c start") > order.index("a end")
+  # The two overlapped in time, and c started after both ended.
+  a, b, c = (markers[n] for n in "abc")
+  assert max(a["start_time"], b["start_time"]) < min(a["end_time"], b["end_time"])
+  assert c["start_time"] >= max(a["end_time"], b["end_time"])
   assert list(markers) == ["a", "b", "c"]
 
 
@@ -134,7 +138,10 @@ def _fabricated_metrics():
       "personalization_s": {"suti_v2": 2.0, "suti_v1": 2.0, "dreambooth": 30.0},
       "judges": {"subject_pair_accuracy": 0.9, "text_attribute_accuracy": 0.8},
       "data": {"ICL v2": {"groups_written": 40, "drops": {"low_text_fidelity": 3}}},
-      "stages": {"train_base": {"wall_s": 12.5, "cpu_s": 20.0}},
+      "stages": {"train_base": {"wall_s": 12.5, "cpu_s": 20.0, "start_time": 100.0,
+                                "end_time": 112.5},
+                 "train_sr": {"wall_s": 5.0, "cpu_s": 9.0, "start_time": 104.0,
+                              "end_time": 109.0}},
       "eval_set": {"num_subjects": 2, "num_prompts": 10},
       "training": {"train_base": {"step": 400.0, "train/loss": 0.05}},
       "scale": "fabricated",
@@ -159,6 +166,7 @@ def test_report_writer_tables(tmp_path):
   assert "| subject_pair_accuracy | 0.900 |" in text
   assert "| ICL v2 | 40 | low_text_fidelity: 3 |" in text
   assert "| train_base | 12.5 | 20.0 |" in text
+  assert "| all stages, first start to last end | 12.5 | |" in text  # Overlap counted once.
   assert "| train_base | 400 | 0.050 |" in text
   assert "![s002000](grid_s002000.png)" in text and "2. p two" in text
   saved = json.load(open(paths["metrics.json"]))

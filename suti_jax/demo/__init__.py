@@ -192,7 +192,8 @@ class Demo:
         judges=self._marker("train_judges")["outputs"]["report"],
         data={f"ICL {v}": {k: self._marker(f"icl_{v}")["outputs"][k]
                            for k in ("groups_written", "drops")} for v in ("v2", "v1")},
-        stages={name: {k: self._marker(name)[k] for k in ("wall_s", "cpu_s")}
+        stages={name: {k: v for k, v in self._marker(name).items()
+                       if k in ("wall_s", "cpu_s", "start_time", "end_time")}
                 for name in self.stage_names() if name != "report"},
         eval_set={"num_subjects": len(self.eval_set), "num_prompts": len(prompts),
                   "subjects": [s.subject_id for s in self.eval_set]},

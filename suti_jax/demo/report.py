@@ -164,11 +164,15 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
   lines += [f"| {evaluate.METHOD_LABELS[m]} | {timing[m]:.1f} |"
             for m in evaluate.METHODS if m in timing]
   stages = metrics.get("stages", {})
-  lines += ["", "| stage | wall s | CPU s |", "|---|---|---|"]
+  lines += ["", "Stages run two at a time where their dependencies allow, so a stage's wall "
+            "time includes sharing the cores, and CPU seconds count the whole process "
+            "while the stage ran.", "",
+            "| stage | wall s | CPU s |", "|---|---|---|"]
   lines += [f"| {name} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} |" for name, t in stages.items()]
-  if stages:
-    lines.append(f"| total | {sum(t['wall_s'] for t in stages.values()):.1f} | "
-                 f"{sum(t['cpu_s'] for t in stages.values()):.1f} |")
+  spans = [(t["start_time"], t["end_time"]) for t in stages.values() if "start_time" in t]
+  if spans:
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    lines.append(f"| all stages, first start to last end | {last - first:.1f} | |")
   if grids:
     lines += ["", "## Grids", "",
               "Each row is one prompt. Columns: the exemplars (blank = no exemplar), then "

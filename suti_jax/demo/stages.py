@@ -158,7 +158,8 @@ class StageRunner:
     outputs = stage.fn()
     # CPU seconds (all threads) next to wall time: on a shared machine they tell
     # how long the stage would take on idle cores.
-    marker = {"outputs": outputs, "wall_s": time.time() - start,
+    end = time.time()
+    marker = {"outputs": outputs, "wall_s": end - start, "start_time": start, "end_time": end,
               "cpu_s": time.process_time() - start_cpu,
               "fingerprint": fingerprint_of(stage.fingerprint)}
     # Written last and atomically: a stage killed mid-way leaves no marker.
