@@ -55,7 +55,6 @@ def test_round_trip_and_restore_onto_other_meshes(tmp_path):
   ckpt.close()
 
 
-@pytest.mark.slow  # three full training runs
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
   whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
   out = loop.run(tl.micro_config(total_steps=4), whole, input_source=tl.caption_source())
@@ -127,7 +126,6 @@ def _train_cmd(workdir, total_steps):
            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-@pytest.mark.slow  # three full training runs
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
