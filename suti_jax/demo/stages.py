@@ -100,19 +100,32 @@ class StageRunner:
       if unknown:
         raise ValueError(f"stage {stage.name!r} depends on {sorted(unknown)}, "
                          "which are not earlier stages")
+    workers = max(1, workers)
     markers: dict[str, dict[str, Any]] = {}
-    self._progress = tqdm.tqdm(total=len(stages), desc="demo", unit="stage")
-    index = {s.name: i for i, s in enumerate(stages)}
+    progress = tqdm.tqdm(total=len(stages), desc="demo", unit="stage")
     pending = list(stages)
     running: dict[concurrent.futures.Future, Stage] = {}
     failure: Exception | None = None
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       while pending or running:
         if failure is None:
-          self._start_ready(pending, running, markers, pool, workers, index)
-        if not running:
-          if failure is None and pending:
-            raise RuntimeError(f"stages {[s.name for s in pending]} can not start")
+          # Deps come earlier in the list, so one ordered pass also starts the
+          # stages that a skip in this pass made ready.
+          for stage in list(pending):
+            if not all(d in markers for d in stage.deps):
+              continue
+            label = f"[{names.index(stage.name) + 1}/{len(stages)}] {stage.name}"
+            marker = self.done(stage)
+            if marker is not None:
+              self._log(f"{label}: done already ({marker['wall_s']:.0f} s when it ran), skipped")
+              markers[stage.name] = dict(marker, skipped=True)
+              pending.remove(stage)
+              progress.update()
+            elif len(running) < workers:
+              self._log(f"{label}: running")
+              running[pool.submit(self._run_one, stage)] = stage
+              pending.remove(stage)
+        if not running:  # Everything is done, or a failure stopped new starts.
           break
         finished, _ = concurrent.futures.wait(
             running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -124,34 +137,13 @@ class StageRunner:
             failure = failure or e
             continue
           m = markers[stage.name]
-          self._log(f"[{index[stage.name] + 1}/{len(stages)}] {stage.name}: finished in "
+          self._log(f"[{names.index(stage.name) + 1}/{len(stages)}] {stage.name}: finished in "
                     f"{m['wall_s']:.0f} s ({m['cpu_s']:.0f} CPU s)")
-          self._progress.update()
-    self._progress.close()
+          progress.update()
+    progress.close()
     if failure is not None:
       raise failure
     return {name: markers[name] for name in names}
-
-  def _start_ready(self, pending: list[Stage], running: dict, markers: dict[str, Any],
-                   pool: concurrent.futures.Executor, workers: int, index: dict[str, int]) -> None:
-    """Skips done stages and submits ready ones (deps done) while workers are free."""
-    total = len(index)
-    progressed = True
-    while progressed:  # A skipped stage may make later ones ready.
-      progressed = False
-      for stage in [s for s in pending if all(d in markers for d in s.deps)]:
-        marker = self.done(stage)
-        if marker is not None:
-          self._log(f"[{index[stage.name] + 1}/{total}] {stage.name}: done already "
-                    f"({marker['wall_s']:.0f} s when it ran), skipped")
-          markers[stage.name] = dict(marker, skipped=True)
-          pending.remove(stage)
-          self._progress.update()
-          progressed = True
-        elif len(running) < max(1, workers):
-          self._log(f"[{index[stage.name] + 1}/{total}] {stage.name}: running")
-          running[pool.submit(self._run_one, stage)] = stage
-          pending.remove(stage)
 
   def _run_one(self, stage: Stage) -> dict[str, Any]:
     start, start_cpu = time.time(), time.process_time()

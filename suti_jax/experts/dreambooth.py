@@ -364,8 +364,10 @@ def finetune_prepared(base_params: Params, data: Sequence[dict[str, np.ndarray]]
   tx = make_optimizer(cfg.optimizer_config())
   statics = _StepStatics.of(unet_cfg, diffusion_cfg, cfg)
   experts = []
+  if not data:
+    return experts
   num_chunks = -(-len(data) // max(1, cfg.max_parallel_experts))
-  size = -(-len(data) // max(1, num_chunks))
+  size = -(-len(data) // num_chunks)
   for start in range(0, len(data), size):
     chunk = list(data[start:start + size])
     real = len(chunk)
