@@ -1,7 +1,7 @@
 """The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
 (experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
 
-  python -m launch.demo                                   # ~15 min, 2 idle cores
+  python -m launch.demo                                   # ~17 min, 2 idle cores
   python -m launch.demo --config=configs/demo.py:small    # the end-to-end test size
 """
 
@@ -40,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_clusters=12 if small else 16, web_size_px=32, image_size=16,
       num_heldout_subjects=2 if small else 6, min_exemplars=3, max_exemplars=5,
       prompts_per_skill=1 if small else 2))
-  # Step counts are sized for ~15 min on two idle cores (REPORT.md lists each
-  # stage's wall and CPU seconds). The critical path is base -> expert-rendered ICL
+  # Step counts are sized for under 20 min on two idle cores (measured: 17 min;
+  # REPORT.md lists each stage's wall and CPU seconds). The critical path is base -> expert-rendered ICL
   # groups -> SuTI v2; the SR stage only shows that the cascade trains (the
   # evaluation runs at the base resolution), so it gets a short run.
   c.base = _stage(imagen_base64, steps=20 if small else 300, batch_size=8 if small else 32,
