@@ -4,14 +4,35 @@ Every config accepts `tiny` (CPU, seconds). The skeleton lists every section so
 `--config.a.b=v` overrides are checked against it (configs are locked).
 """
 
+import difflib
+from typing import Collection
+
 import ml_collections
 
 from suti_jax.parallel import axes
 
 
-def parse_arg(arg: str | None) -> set[str]:
-  """'tiny,foo' -> {'tiny', 'foo'}; None or '' -> empty set."""
-  return {a.strip() for a in (arg or "").split(",") if a.strip()}
+def parse_arg(arg: str | None, known: Collection[str]) -> set[str]:
+  """Splits a `get_config` argument into options, refusing unknown ones.
+
+  A typo such as `:tinny` would otherwise build the full-size model.
+
+  Args:
+    arg: 'tiny,foo'; None or '' -> no options.
+    known: the options this config accepts, e.g. ('tiny',).
+
+  Returns:
+    The set of options.
+
+  Raises:
+    ValueError: naming the first unknown option and the known ones.
+  """
+  opts = {a.strip() for a in (arg or "").split(",") if a.strip()}
+  for opt in sorted(opts - set(known)):
+    close = difflib.get_close_matches(opt, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown config option {opt!r}{hint}; known options: {sorted(known)}")
+  return opts
 
 
 def text_encoder(tiny: bool) -> ml_collections.ConfigDict:

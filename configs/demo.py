@@ -12,6 +12,9 @@ from configs import imagen_base64
 from configs import imagen_sr256
 from configs import suti_base64
 
+# The `get_config` arguments this file accepts (`:small`).
+OPTIONS = ("small",)
+
 
 def _stage(parent, steps: int, batch_size: int, learning_rate: float):
   """A tiny stage config trained for `steps`, saving only at the end."""
@@ -28,7 +31,7 @@ def _stage(parent, steps: int, batch_size: int, learning_rate: float):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = common.parse_arg(arg)
+  opts = common.parse_arg(arg, OPTIONS)
   small = "small" in opts
   c = ml_collections.ConfigDict()
   c.seed = 0

@@ -7,12 +7,15 @@ import ml_collections
 from configs import common
 from configs import imagen_sr256
 
+# The parent's options (`:tiny`); its get_config checks them.
+OPTIONS = imagen_sr256.OPTIONS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = imagen_sr256.get_config(arg)
   c.stage = "sr1024"
   c.model.attention_resolutions = ()
-  if "tiny" in common.parse_arg(arg):
+  if "tiny" in common.parse_arg(arg, OPTIONS):
     c.model.image_size = 64
     c.model.low_res_size = 32
     c.model.num_res_blocks = (1, 1)

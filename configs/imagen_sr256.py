@@ -7,9 +7,12 @@ import ml_collections
 
 from configs import common
 
+# The `get_config` arguments this file accepts (`:tiny`).
+OPTIONS = ("tiny",)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  opts = common.parse_arg(arg)
+  opts = common.parse_arg(arg, OPTIONS)
   c = common.skeleton("sr256")
   c.model = ml_collections.ConfigDict(dict(
       image_size=256, low_res_size=64, in_channels=3, out_channels=3,

@@ -7,6 +7,9 @@ import ml_collections
 
 from configs import imagen_base64
 
+# The parent's options (`:tiny`); its get_config checks them.
+OPTIONS = imagen_base64.OPTIONS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = imagen_base64.get_config(arg)

@@ -4,6 +4,9 @@ import ml_collections
 
 from configs import imagen_sr256
 
+# The parent's options (`:tiny`); its get_config checks them.
+OPTIONS = imagen_sr256.OPTIONS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = imagen_sr256.get_config(arg)

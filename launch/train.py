@@ -16,12 +16,16 @@ or wrong type -> error naming the key). A preemption saves, then exits with 0.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import re
+import sys
+from typing import Any, Mapping, NoReturn, Sequence
 
 import gin
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from suti_jax import config as config_lib
 
 # Gin configurable names; each returns its bindings as an overrides dict.
 GIN_SECTIONS = ("config", "model", "text", "diffusion", "sampling", "optimizer", "mesh",
@@ -43,7 +47,7 @@ def _apply(config: ml_collections.ConfigDict, path: str, values: Mapping[str, An
   for key, value in values.items():
     where = f"{path}.{key}"
     if key not in config:
-      raise KeyError(f"gin binding {where}: no such config key; known: {sorted(config.keys())}")
+      raise KeyError(f"gin binding {config_lib.unknown_key_message(where, config.keys())}")
     if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, Mapping):
       _apply(config[key], where, value)
       continue
@@ -92,6 +96,66 @@ def define_flags() -> None:
   flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize (auto-detects on TPU pods).")
 
 
+# `--config.a.b=v` and `--noconfig.a.b`, as ml_collections matches them.
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+# ml_collections' prefix before the traceback of an error raised by get_config.
+_CONFIG_FILE_ERROR = "Error whilst parsing config file"
+
+
+def _config_value(argv: Sequence[str]) -> str:
+  """The `--config` flag's value ('path[:arg]') in `argv`."""
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name in ("--config", "-config"):
+      return value if eq else argv[i + 1]
+  raise ValueError("no --config flag")
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+  """Names the first `--config.a.b` override whose key path does not exist."""
+  config = flags.FLAGS["config"].parser.parse(_config_value(argv))
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match and (message := config_lib.find_unknown_key(config, match.group(1))):
+      return f"--config.{message}"
+  return None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  while error.__context__ is not None:
+    error = error.__context__
+  return error
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with each config error as one line and no traceback.
+
+  ml_collections raises a bare `AttributeError: "'bogus'"` (three chained
+  tracebacks) for an unknown `--config.train.bogus`, and puts the traceback of a
+  `get_config` error (e.g. an unknown `:option`) inside its message.
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    The arguments left after the flags (as `flags.FLAGS(argv)`).
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if _CONFIG_FILE_ERROR in message:
+      message = message.split(_CONFIG_FILE_ERROR)[0] + str(_root_cause(e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = _unknown_override(argv) or f"config override: {e}"
+  _exit_with(message)
+
+
+def _exit_with(message: str) -> NoReturn:
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+  sys.exit(1)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -115,4 +179,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

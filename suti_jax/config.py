@@ -9,9 +9,10 @@ never sees a ConfigDict.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import jax
 
@@ -290,10 +291,51 @@ def section(cls: type[T], values: Mapping[str, Any] | None, where: str = "") -> 
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
   if unknown:
-    raise ConfigError(
-        f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    also = f"; also unknown: {unknown[1:]}" if len(unknown) > 1 else ""
+    raise ConfigError(unknown_key_message(f"{where}.{unknown[0]}", known) + also)
   kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()}
   return cls(**kwargs)
+
+
+def unknown_key_message(path: str, known: Iterable[str]) -> str:
+  """One line for a config key path whose last part does not exist.
+
+  Args:
+    path: the dotted path as the user wrote it, e.g. 'train.bogus'.
+    known: the keys that do exist where the last part was looked up.
+
+  Returns:
+    e.g. "train.totl_steps: no such config key (did you mean 'total_steps'?);
+    keys of train: batch_size, ..., total_steps".
+  """
+  parent, _, key = path.rpartition(".")
+  known = sorted(known)
+  close = difflib.get_close_matches(key, known, n=1)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  return (f"{path}: no such config key{hint}; keys of {parent or 'the config'}: "
+          f"{', '.join(known)}")
+
+
+def find_unknown_key(config: Any, path: str) -> str | None:
+  """Checks that dotted `path` names a key of the nested `config`.
+
+  Args:
+    config: a ConfigDict or dict of dicts.
+    path: e.g. 'train.total_steps'.
+
+  Returns:
+    None if every part exists, else `unknown_key_message` for the first part
+    that does not (or a line saying which part holds no keys at all).
+  """
+  node, parts = config, path.split(".")
+  for i, key in enumerate(parts):
+    here = ".".join(parts[:i + 1])
+    if not hasattr(node, "keys"):
+      return f"{here}: {'.'.join(parts[:i])} is {node!r}, which has no keys"
+    if key not in node:
+      return unknown_key_message(here, node.keys())
+    node = node[key]
+  return None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
