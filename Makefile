@@ -27,8 +27,9 @@ $(TESTDEPS): $(CORE) requirements-test.lock
 	$(PIP) install --no-deps -r requirements-test.lock
 	touch $@
 
+# RETRAIN_BASE=1 trains the demo's base from scratch instead of installing the shipped one.
 demo: $(CORE)
-	$(PYTHON) -m launch.demo
+	$(PYTHON) -m launch.demo $(if $(RETRAIN_BASE),--retrain_base)
 
 test: $(TESTDEPS)
 	@$(call RUN_PYTEST,-n 2 tests)

@@ -78,7 +78,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   # (logical axis, mesh axes) pairs; see suti_jax/parallel/axes.py.
   c.axis_rules = [list(r) for r in axes.DEFAULT_RULES]
   c.data = ml_collections.ConfigDict(dict(
-      kind="synthetic", pattern="", shuffle_buffer=1000, corrupt_policy="fail",
+      kind="synthetic", pattern="", shuffle_buffer=1000, corrupt_policy="fail", cache=False,
       num_subjects=64, seed=0))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=2048, total_steps=2_500_000, seed=0, log_every_steps=100,

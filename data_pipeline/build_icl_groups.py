@@ -60,6 +60,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                  default=prompt_defaults.max_caption_similarity)
   p.add_argument("--renderer", default="oracle", choices=expert_render.RENDERERS)
   p.add_argument("--renderer_options", default="{}", help="JSON kwargs of the renderer.")
+  p.add_argument("--render_batch_size", type=int, default=1,
+                 help="Clusters rendered per call (the expert renderer trains them vmapped).")
   p.add_argument("--subject_scorer", default="embedding", help="'embedding' or 'judge:<path>'.")
   p.add_argument("--text_scorer", default="constant", help="'constant' or 'judge:<path>'.")
   score_defaults = score_filter.ScoreConfig()
@@ -91,7 +93,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
   else:
     tasks = clusters | "Prompts" >> prompt_writer.WritePrompts(cfg=prompt_cfg)
   rendered = tasks | "RenderTargets" >> expert_render.RenderTargets(
-      args.renderer, json.loads(args.renderer_options), args.seed)
+      args.renderer, json.loads(args.renderer_options), args.seed, args.render_batch_size)
   groups = rendered.candidates | "ScoreFilter" >> score_filter.ScoreAndFilter(
       score_filter.make_scorer("subject", args.subject_scorer),
       score_filter.make_scorer("text", args.text_scorer), score_cfg)

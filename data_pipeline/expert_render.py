@@ -23,6 +23,9 @@ RENDERERS = ("expert", "same_cluster", "oracle")
 # must return a TargetRenderer (it owns fine-tuning or loading the experts).
 EXPERT_MODULE = "suti_jax.experts.renderer"
 _STAGE = "expert_render"
+# Clusters are batched within hash groups of about this many batches; only each
+# group's last batch can be short.
+_BATCHES_PER_GROUP = 8
 
 
 class SameClusterRenderer(TargetRenderer):
@@ -121,29 +124,62 @@ class _RenderFn(beam.DoFn):
     self._renderer = make_target_renderer(self._name, **self._options)
     self._renderer.setup()
 
-  def process(self, task: RenderTask):
-    seed = interfaces.stable_seed(self._seed, "render", task.cluster.key)
-    targets = self._renderer.render_targets(task.cluster, task.prompts, seed)
-    for i, target in enumerate(targets):
-      if target.image is None:
-        yield interfaces.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
-                                     task.cluster.key, f"{target.prompt!r}: {target.error}")
-        continue
-      interfaces.count("expert_render/targets")
-      yield Candidate(task.cluster, target, i, self._renderer.name)
+  def process(self, batch: Sequence[RenderTask]):
+    """Renders a batch of clusters (sorted by key; one cluster when not batching)."""
+    keys = [task.cluster.key for task in batch]
+    seed = interfaces.stable_seed(self._seed, "render", *keys)
+    for task, targets in zip(batch, self._renderer.render_batch(batch, seed)):
+      for i, target in enumerate(targets):
+        if target.image is None:
+          yield interfaces.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
+                                       task.cluster.key, f"{target.prompt!r}: {target.error}")
+          continue
+        interfaces.count("expert_render/targets")
+        yield Candidate(task.cluster, target, i, self._renderer.name)
+
+
+def batches_of(tasks: Sequence[RenderTask], batch_size: int) -> list[list[RenderTask]]:
+  """`tasks` sorted by cluster key and cut into batches of `batch_size` (the last shorter)."""
+  ordered = sorted(tasks, key=lambda t: t.cluster.key)
+  return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 class RenderTargets(beam.PTransform):
-  """PCollection[RenderTask] -> `.candidates` (Candidate) and `.dead_letter`."""
+  """PCollection[RenderTask] -> `.candidates` (Candidate) and `.dead_letter`.
 
-  def __init__(self, renderer: str, options: dict[str, Any] | None = None, seed: int = 0):
+  With `batch_size` > 1 the clusters are rendered `batch_size` at a time (an
+  expert renderer fine-tunes them vmapped). Batches are cut from key-sorted
+  groups of about `_BATCHES_PER_GROUP` batches, chosen by a hash of the cluster
+  key, so they do not depend on how the runner bundles elements: the same input
+  gives the same batches, and the same targets, on every run.
+  """
+
+  def __init__(self, renderer: str, options: dict[str, Any] | None = None, seed: int = 0,
+               batch_size: int = 1):
     super().__init__()
     if renderer not in RENDERERS:
       raise ValueError(f"unknown renderer {renderer!r}; known: {RENDERERS}")
+    if batch_size < 1:
+      raise ValueError(f"render batch_size must be >= 1, got {batch_size}")
     if renderer == "expert":
       expert_factory()  # Fail at construction, not later on a worker.
     self._fn = _RenderFn(renderer, dict(options or {}), seed)
+    self._batch_size = batch_size
 
   def expand(self, tasks):
-    return (tasks | "Render" >> beam.ParDo(self._fn)
+    size = self._batch_size
+    if size == 1:
+      batches = tasks | "One" >> beam.Map(lambda task: [task])
+    else:
+      count = tasks | "Count" >> beam.combiners.Count.Globally()
+
+      def group(task, n):
+        groups = max(1, -(-n // (size * _BATCHES_PER_GROUP)))
+        return interfaces.stable_seed("render-group", task.cluster.key) % groups, task
+
+      batches = (tasks
+                 | "Group" >> beam.Map(group, n=beam.pvalue.AsSingleton(count))
+                 | "ByGroup" >> beam.GroupByKey()
+                 | "Batch" >> beam.FlatMap(lambda kv: batches_of(list(kv[1]), size)))
+    return (batches | "Render" >> beam.ParDo(self._fn)
             .with_outputs(interfaces.DEAD_LETTER, main="candidates"))

@@ -185,6 +185,22 @@ class TargetRenderer(abc.ABC):
                      seed: int) -> list[Target]:
     """Targets for `prompts` (a renderer may choose its own, see same-cluster)."""
 
+  def render_batch(self, tasks: Sequence[RenderTask], seed: int) -> list[list[Target]]:
+    """Targets of several clusters at once (the stage batches clusters when asked).
+
+    The default renders each cluster alone; a renderer that trains its experts
+    together (vmapped) overrides it.
+
+    Args:
+      tasks: clusters with their prompts, sorted by cluster key.
+      seed: one seed for the whole batch.
+
+    Returns:
+      Per task, its targets.
+    """
+    return [self.render_targets(t.cluster, t.prompts, stable_seed(seed, t.cluster.key))
+            for t in tasks]
+
 
 class SubjectScorer(abc.ABC):
   """Subject fidelity of a target to its exemplars (SuTI: CLIP-I / DINO)."""

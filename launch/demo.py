@@ -2,6 +2,8 @@
 `suti_jax.demo.run`; a re-run skips finished stages and resumes an interrupted one.
 
   python -m launch.demo [--workdir=workdirs/demo] [--config=configs/demo.py[:small]]
+  python -m launch.demo --retrain_base     # train the base instead of installing
+                                           # the shipped pretrained/demo_base
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo",
                                "Checkpoints, ICL groups, generated images and stage markers.")
 _REPORT_DIR = flags.DEFINE_string("report_dir", "reports/demo",
                                   "Where REPORT.md, metrics.json and the grids go.")
+_RETRAIN_BASE = flags.DEFINE_bool(
+    "retrain_base", False, "Train the text-to-image base from scratch even where the shipped "
+    "checkpoint (config.base_pretrained) was made by this config's recipe.")
+_SAVE_BASE_TO = flags.DEFINE_string(
+    "save_base_to", "", "After training the base, write it and its recipe fingerprint there "
+    "as a shipped checkpoint (e.g. pretrained/demo_base).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -30,7 +38,8 @@ def main(argv: Sequence[str]) -> None:
     # The stages' progress bars say what is happening; library INFO logs would bury them.
     logging.set_verbosity(logging.WARNING)
 
-  demo.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value)
+  demo.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value, retrain_base=_RETRAIN_BASE.value,
+           save_base_to=_SAVE_BASE_TO.value)
   print(f"report: {_REPORT_DIR.value}/REPORT.md", flush=True)
 
 

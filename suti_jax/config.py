@@ -216,12 +216,15 @@ class DataConfig:
     kind: 'synthetic' (made on the fly), 'caption_tfrecord' or 'icl_tfrecord'.
     pattern: glob of TFRecord files for the tfrecord kinds.
     corrupt_policy: 'fail' or 'skip' (skipped records are counted).
+    cache: read, decode and tokenise the source once and batch from host memory
+      (`suti_jax.data.cached`): for data sets that fit in RAM, such as the demo's.
   """
 
   kind: str = "synthetic"
   pattern: str = ""
   shuffle_buffer: int = 1000
   corrupt_policy: str = "fail"
+  cache: bool = False
   num_subjects: int = 64
   seed: int = 0
 

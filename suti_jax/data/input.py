@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from suti_jax.config import DataConfig
+from suti_jax.data import cached
 from suti_jax.data import records
 from suti_jax.data import sources
 
@@ -250,7 +251,7 @@ def make_input(data_cfg: DataConfig, *, image_size: int, text_len: int,
                tokenizer: Tokenizer, process_index: int | None = None,
                process_count: int | None = None, seed: int = 0,
                source: Callable[[], Iterable[Any]] | Iterable[Any] | None = None,
-               num_epochs: int | None = None) -> InputIterator:
+               num_epochs: int | None = None) -> InputIterator | cached.CachedInput:
   """Builds this process's input for `data_cfg.kind`.
 
   Args:
@@ -299,7 +300,8 @@ def make_input(data_cfg: DataConfig, *, image_size: int, text_len: int,
     pipeline = sources.tfrecord_pipeline(data_cfg.pattern, **common)
   identity = dict(kind=data_cfg.kind, seed=mixed_seed, batch_size=batch_size,
                   process_index=process_index, process_count=process_count)
-  return InputIterator(
+  reader = cached.CachedInput if data_cfg.cache else InputIterator
+  return reader(
       pipeline, tokenizer=tokenizer, text_len=text_len, batch_size=batch_size,
       max_exemplars=max_exemplars,
       skip_corrupt=data_cfg.corrupt_policy == "skip", num_epochs=num_epochs,

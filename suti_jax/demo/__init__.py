@@ -13,16 +13,20 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 
 from data_pipeline import build_icl_groups
 from data_pipeline import read as pipeline_read
+from suti_jax import compile_cache
 from suti_jax.demo import evaluate
 from suti_jax.demo import report
 from suti_jax.demo import world as world_lib
-from suti_jax.demo.stages import Stage, StageRunner
+from suti_jax.demo import pretrained
+from suti_jax.demo.stages import Stage, StageRunner, fingerprint_of
+from suti_jax.data import synthetic
 from suti_jax.experts import dreambooth
 from suti_jax.experts import judges as judges_lib
-from suti_jax.inference import load_stage
+from suti_jax.inference import checkpoint_steps, load_stage
 from suti_jax.train import loop
 from suti_jax.train import preemption
 
@@ -45,8 +49,11 @@ class Demo:
   """The demo's stages over one config, workdir and report folder."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str,
-               watcher: preemption.PreemptionWatcher | None = None):
+               watcher: preemption.PreemptionWatcher | None = None, *,
+               retrain_base: bool = False, save_base_to: str = ""):
     self.cfg = config
+    self.retrain_base = retrain_base
+    self.save_base_to = save_base_to
     # One SIGTERM watcher for every training stage: stages may run on worker
     # threads, and only the main thread can install a signal handler.
     self.watcher = watcher or preemption.PreemptionWatcher()
@@ -97,9 +104,36 @@ class Demo:
   def caption_source(self) -> list[tuple[np.ndarray, str]]:
     return [(p.image, p.caption) for p in self.web]
 
+  def corpus_source(self) -> list[tuple[np.ndarray, str]]:
+    """The base's pretraining captions: many subjects, none of them held out."""
+    k = self.cfg.corpus
+    return list(synthetic.caption_dataset(k.seed, self.cfg.world.image_size,
+                                          range(k.num_subjects), num_examples=k.num_examples))
+
   # Training.
+  def base_fingerprint(self) -> Any:
+    """What the base checkpoint depends on: its config and its corpus, not the web."""
+    return [self.cfg.base.to_dict(), self.cfg.corpus.to_dict(), self.cfg.world.image_size]
+
   def train_base(self) -> dict[str, Any]:
-    return _train(self.cfg.base, self.path("base"), self.watcher, self.caption_source())
+    checkpoints = self.path("base", "checkpoints")
+    shipped = self.cfg.get("base_pretrained", "")
+    recipe = pretrained.read_recipe(shipped) if shipped else None
+    fingerprint = fingerprint_of(self.base_fingerprint())
+    if recipe is not None and not self.retrain_base:
+      if recipe["fingerprint"] == fingerprint:
+        recipe = pretrained.install(shipped, checkpoints)
+        tqdm.tqdm.write(f"train_base: installed the shipped checkpoint {shipped} (step "
+                        f"{recipe['step']}); --retrain_base trains it from scratch")
+        return {"paths": {"checkpoints": checkpoints}, "final": recipe["final"],
+                "installed_from": shipped}
+      tqdm.tqdm.write(f"train_base: this config's base recipe differs from the shipped "
+                      f"{shipped}; training the base from scratch")
+    out = _train(self.cfg.base, self.path("base"), self.watcher, self.corpus_source())
+    if self.save_base_to:
+      pretrained.export(checkpoints, self.save_base_to, self.cfg.base.train.total_steps,
+                        {"fingerprint": fingerprint, "final": out["final"]})
+    return out
 
   def train_sr(self) -> dict[str, Any]:
     return _train(self.cfg.sr, self.path("sr"), self.watcher, self.caption_source())
@@ -127,7 +161,8 @@ class Demo:
     if renderer == "expert":
       # JSON kwargs of suti_jax.experts.renderer.ExpertTargetRenderer.
       options = {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict()}
-      argv.append(f"--renderer_options={json.dumps(options)}")
+      argv += [f"--renderer_options={json.dumps(options)}",
+               f"--render_batch_size={self.expert_config().max_parallel_experts}"]
     summary = build_icl_groups.run(argv)
     if not summary["groups_written"]:
       raise RuntimeError(f"the {renderer} pipeline wrote no ICL groups; see "
@@ -157,6 +192,24 @@ class Demo:
     np.savez(path, images=out.images, seconds=np.float64(out.seconds_per_subject or np.nan))
     return {"paths": {"images": path}, "seconds_per_subject": out.seconds_per_subject}
 
+  def judges(self) -> tuple[judges_lib.SubjectJudge, judges_lib.TextJudge]:
+    return (judges_lib.SubjectJudge.load(self.path("judges", "subject")),
+            judges_lib.TextJudge.load(self.path("judges", "text")))
+
+  def learning_curve(self, version: str) -> dict[str, Any]:
+    """Held-out fidelity of SuTI at each of its saved training steps."""
+    method = f"suti_{version}"
+    key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), evaluate.METHODS.index(method))
+    subject_judge, text_judge = self.judges()
+    points = []
+    for step in checkpoint_steps(self.path(method)):
+      out = evaluate.suti(load_stage(self.path(method), step=step), self.eval_set, key,
+                          self.cfg.eval.sampling_steps)
+      scores = evaluate.score(out.images, self.eval_set, subject_judge, text_judge)
+      points.append({"step": step, **{m: float(np.mean(scores[m])) for m in
+                                      ("subject_fidelity", "subject_match", "text_fidelity")}})
+    return {"points": points}
+
   def generated(self) -> dict[str, evaluate.Generated]:
     out = {"copy_exemplar": evaluate.copy_nearest_exemplar(self.eval_set),
            "ground_truth": evaluate.ground_truth(self.eval_set)}
@@ -167,8 +220,7 @@ class Demo:
     return out
 
   def evaluate(self) -> dict[str, Any]:
-    subject_judge = judges_lib.SubjectJudge.load(self.path("judges", "subject"))
-    text_judge = judges_lib.TextJudge.load(self.path("judges", "text"))
+    subject_judge, text_judge = self.judges()
     generated = self.generated()
     per_prompt = {m: evaluate.score(generated[m].images, self.eval_set, subject_judge,
                                     text_judge) for m in evaluate.METHODS}
@@ -193,12 +245,14 @@ class Demo:
         data={f"ICL {v}": {k: self._marker(f"icl_{v}")["outputs"][k]
                            for k in ("groups_written", "drops")} for v in ("v2", "v1")},
         stages={name: {k: v for k, v in self._marker(name).items()
-                       if k in ("wall_s", "cpu_s", "start_time", "end_time")}
+                       if k in ("wall_s", "cpu_s", "compile_s", "start_time", "end_time")}
                 for name in self.stage_names() if name != "report"},
         eval_set={"num_subjects": len(self.eval_set), "num_prompts": len(prompts),
                   "subjects": [s.subject_id for s in self.eval_set]},
         training={name: self._marker(name)["outputs"]["final"]
                   for name in ("train_base", "train_sr", "train_suti_v2", "train_suti_v1")},
+        learning_curve={v: self._marker(f"curve_suti_{v}")["outputs"]["points"]
+                        for v in ("v2", "v1")},
         scale=self.scale())
     generated = self.generated()
     grids, start = [], 0
@@ -231,7 +285,7 @@ class Demo:
     steps = c["eval"]["sampling_steps"]
     specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
         ("web", self.write_web, world, ()),
-        ("train_base", self.train_base, c["base"], ("web",)),
+        ("train_base", self.train_base, self.base_fingerprint(), ()),
         ("train_sr", self.train_sr, c["sr"], ("web",)),
         ("train_judges", self.train_judges, c["judges"], ()),
         ("icl_v2", lambda: self.build_groups("v2", "expert"), [c["pipeline"], experts],
@@ -245,6 +299,10 @@ class Demo:
         ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, experts],
          ("train_base",)),
         ("generate_text_only", lambda: self.generate("text_only"), steps, ("train_base",)),
+        ("curve_suti_v2", lambda: self.learning_curve("v2"), steps,
+         ("train_judges", "train_suti_v2")),
+        ("curve_suti_v1", lambda: self.learning_curve("v1"), steps,
+         ("train_judges", "train_suti_v1")),
         ("evaluate", self.evaluate, None,
          ("train_judges", "generate_suti_v2", "generate_suti_v1", "generate_dreambooth",
           "generate_text_only")),
@@ -253,8 +311,13 @@ class Demo:
     specs.append(("report", self.write_report, [self.report_dir, c["eval"]],
                   tuple(name for name, *_ in specs)))
     fingerprints, out = {}, []
+    # The base and the judges depend on their own configs only, so a changed
+    # world keeps them (and the shipped base stays valid).
+    independent = ("train_base", "train_judges")
     for name, fn, own, deps in specs:
-      fingerprints[name] = [own, [fingerprints[d] for d in deps], world]
+      fingerprints[name] = [own, [fingerprints[d] for d in deps]]
+      if name not in independent:
+        fingerprints[name].append(world)
       out.append(Stage(name, fn, fingerprints[name], deps))
     return out
 
@@ -262,21 +325,27 @@ class Demo:
     return [s.name for s in self.stages()]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        report_dir: str = "reports/demo") -> dict[str, dict[str, Any]]:
+def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "reports/demo", *,
+        retrain_base: bool = False, save_base_to: str = "") -> dict[str, dict[str, Any]]:
   """Runs (or resumes) the demo.
 
   Args:
     config: `configs/demo.py` config.
     workdir: intermediate outputs, checkpoints and done-markers.
     report_dir: where REPORT.md, metrics.json and the grids go.
+    retrain_base: train the base even where the shipped checkpoint fits.
+    save_base_to: after training the base, write it there as a shipped checkpoint.
 
   Returns:
     stage name -> marker (outputs, wall_s, skipped).
   """
+  # Workdir-local by default: a re-run whose changed stages reuse programs
+  # (same shapes, same code) loads them instead of compiling again.
+  compile_cache.enable(os.path.join(workdir, "jax_cache"))
   watcher = preemption.PreemptionWatcher().install()
   try:
-    demo = Demo(config, workdir, report_dir, watcher)
+    demo = Demo(config, workdir, report_dir, watcher, retrain_base=retrain_base,
+                save_base_to=save_base_to)
     return StageRunner(demo.workdir).run(demo.stages(), workers=config.get("workers", 1))
   finally:
     watcher.close()

@@ -90,20 +90,19 @@ def text_only(base: StageModel, eval_set: Sequence[world_lib.EvalSubject], key: 
 
 def suti(stage: StageModel, eval_set: Sequence[world_lib.EvalSubject], key: jax.Array,
          num_steps: int) -> Generated:
-  """SuTI in context: exemplars + prompt -> image, no fine-tuning.
+  """SuTI in context: exemplars + prompts -> images, no fine-tuning.
 
-  The time per subject is the whole run's wall time (compilation included)
-  divided by the number of subjects, as for `dreambooth_experts`.
+  Each subject's prompts render in one batched call. The time per subject is
+  the whole run's wall time (compilation included) divided by the number of
+  subjects, as for `dreambooth_experts`.
   """
   pipeline = Pipeline([stage])
   start = time.time()
-  images = []
-  for s, subject in enumerate(eval_set):
-    for i, p in enumerate(subject.prompts):
-      images.append(pipeline.personalize(
-          subject.exemplar_images, subject.exemplar_captions, p.prompt, 1,
-          jax.random.fold_in(key, s * 1000 + i), num_steps=num_steps)[0])
-  return Generated(np.stack(images), (time.time() - start) / len(eval_set))
+  images = [pipeline.personalize(subject.exemplar_images, subject.exemplar_captions,
+                                 [p.prompt for p in subject.prompts], 1,
+                                 jax.random.fold_in(key, s), num_steps=num_steps)
+            for s, subject in enumerate(eval_set)]
+  return Generated(np.concatenate(images), (time.time() - start) / len(eval_set))
 
 
 def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubject],
@@ -171,22 +170,55 @@ def score(images: np.ndarray, eval_set: Sequence[world_lib.EvalSubject],
   }
 
 
+def bootstrap_interval(values: np.ndarray, groups: np.ndarray, *, resamples: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+  """Percentile interval of the mean, resampling whole groups (subjects).
+
+  Prompts of one subject share its exemplars and are not independent, so the
+  subjects are what is resampled (a cluster bootstrap); seeded, so a re-run
+  gives the same interval.
+
+  Args:
+    values: float [N], one per prompt.
+    groups: [N] group label of each prompt.
+    resamples: bootstrap draws.
+    level: coverage of the interval.
+    seed: numpy seed.
+
+  Returns:
+    (low, high).
+  """
+  labels, index = np.unique(groups, return_inverse=True)
+  sums = np.bincount(index, weights=values, minlength=len(labels))
+  counts = np.bincount(index, minlength=len(labels)).astype(np.float64)
+  draws = np.random.default_rng(seed).integers(0, len(labels), (resamples, len(labels)))
+  means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+  tail = (1.0 - level) / 2
+  low, high = np.quantile(means, [tail, 1.0 - tail])
+  return float(low), float(high)
+
+
 def aggregate(per_prompt: dict[str, dict[str, np.ndarray]],
               eval_set: Sequence[world_lib.EvalSubject]) -> dict[str, Any]:
-  """Means per method, and per method and skill.
+  """Means (with subject-bootstrap 95% intervals) per method, and per method and skill.
 
   Args:
     per_prompt: method -> `score(...)` output.
     eval_set: the held-out subjects (for the prompts' skills).
 
   Returns:
-    {'methods': {method: {metric: mean}}, 'per_skill': {method: {skill: {metric: mean}}}}.
+    {'methods': {method: {metric: mean}}, 'intervals': {method: {metric: [low, high]}},
+     'per_skill': {method: {skill: {metric: mean}}}}.
   """
-  skills = np.array([p.skill for p in flat_prompts(eval_set)])
-  methods, per_skill = {}, {}
+  prompts = flat_prompts(eval_set)
+  skills = np.array([p.skill for p in prompts])
+  subjects = np.array([s.subject_id for s in eval_set for _ in s.prompts])
+  methods, intervals, per_skill = {}, {}, {}
   for method, values in per_prompt.items():
     methods[method] = {m: float(np.mean(v)) for m, v in values.items()}
+    intervals[method] = {m: list(bootstrap_interval(np.asarray(v, np.float64), subjects))
+                         for m, v in values.items()}
     per_skill[method] = {
         skill: {m: float(np.mean(v[skills == skill])) for m, v in values.items()}
         for skill in synthetic.SKILLS if np.any(skills == skill)}
-  return {"methods": methods, "per_skill": per_skill}
+  return {"methods": methods, "intervals": intervals, "per_skill": per_skill}

@@ -28,8 +28,8 @@ CAVEAT = ("Read these numbers at their scale: UNets of about a hundred thousand 
           "here.")
 
 
-def _fmt(value: float | None) -> str:
-  return "n/a" if value is None else f"{value:.3f}"
+def _fmt(value: float | None, digits: int = 3) -> str:
+  return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _arrow(metric: str) -> str:
@@ -37,14 +37,23 @@ def _arrow(metric: str) -> str:
   return "" if better is None else (" ↑" if better else " ↓")
 
 
-def methods_table(methods: dict[str, dict[str, float]]) -> list[str]:
-  """Markdown rows: one per method present, one column per metric."""
+def _with_interval(value: float | None, interval: Sequence[float] | None) -> str:
+  if value is None or not interval:
+    return _fmt(value)
+  return f"{_fmt(value)} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+
+
+def methods_table(methods: dict[str, dict[str, float]],
+                  intervals: dict[str, dict[str, Sequence[float]]] | None = None) -> list[str]:
+  """Markdown rows: one per method present, one column per metric (mean [95% interval])."""
   metrics = list(evaluate.METRICS)
+  intervals = intervals or {}
   lines = ["| method | " + " | ".join(evaluate.METRICS[m][0] + _arrow(m) for m in metrics) + " |",
            "|---" * (len(metrics) + 1) + "|"]
   for method in evaluate.METHODS:
     if method in methods:
-      values = [_fmt(methods[method].get(m)) for m in metrics]
+      values = [_with_interval(methods[method].get(m), intervals.get(method, {}).get(m))
+                for m in metrics]
       lines.append(f"| {evaluate.METHOD_LABELS[method]} | " + " | ".join(values) + " |")
   return lines
 
@@ -102,6 +111,71 @@ def findings(metrics: dict[str, Any]) -> list[str]:
   return out
 
 
+def target_checks(metrics: dict[str, Any]) -> list[tuple[str, str, bool]]:
+  """The demo's bars for "SuTI personalises": (criterion, measured, met) each.
+
+  A missing number counts as not met.
+  """
+  m, judges = metrics["methods"], metrics.get("judges", {})
+  timing = metrics.get("personalization_s", {})
+  eval_set = metrics.get("eval_set", {})
+
+  def get(method: str, metric: str) -> float:
+    return m.get(method, {}).get(metric, float("nan"))
+
+  v2_subject, v2_text = get("suti_v2", "subject_fidelity"), get("suti_v2", "text_fidelity")
+  speedup = (timing.get("dreambooth", float("nan")) / timing["suti_v2"]
+             if timing.get("suti_v2") else float("nan"))
+  prompts = eval_set.get("num_prompts", 0) // max(eval_set.get("num_subjects", 1), 1)
+  rows = [
+      ("SuTI v2 subject fidelity >= text-only + 0.20",
+       f"{v2_subject:.3f} vs {get('text_only', 'subject_fidelity') + 0.2:.3f}",
+       v2_subject >= get("text_only", "subject_fidelity") + 0.2),
+      ("SuTI v2 subject fidelity >= 0.9 x DreamBooth's",
+       f"{v2_subject:.3f} vs {0.9 * get('dreambooth', 'subject_fidelity'):.3f}",
+       v2_subject >= 0.9 * get("dreambooth", "subject_fidelity")),
+      ("SuTI v2 same-subject rate >= 0.6", f"{get('suti_v2', 'subject_match'):.3f}",
+       get("suti_v2", "subject_match") >= 0.6),
+      ("SuTI v2 text fidelity >= SuTI v1's and text-only's",
+       f"{v2_text:.3f} vs {get('suti_v1', 'text_fidelity'):.3f} / "
+       f"{get('text_only', 'text_fidelity'):.3f}",
+       v2_text >= max(get("suti_v1", "text_fidelity"), get("text_only", "text_fidelity"))),
+      ("SuTI v1 copies more than v2 (lower MSE to the nearest exemplar)",
+       f"{get('suti_v1', 'nearest_exemplar_mse'):.4f} vs "
+       f"{get('suti_v2', 'nearest_exemplar_mse'):.4f}",
+       get("suti_v1", "nearest_exemplar_mse") < get("suti_v2", "nearest_exemplar_mse")),
+      ("personalisation >= 20x faster than a DreamBooth expert", f"{speedup:.1f}x",
+       speedup >= 20),
+      ("judges: held-out subject-pair accuracy >= 0.9",
+       f"{judges.get('subject_pair_accuracy', float('nan')):.3f}",
+       judges.get("subject_pair_accuracy", 0.0) >= 0.9),
+      ("judges: held-out attribute accuracy >= 0.8",
+       f"{judges.get('text_attribute_accuracy', float('nan')):.3f}",
+       judges.get("text_attribute_accuracy", 0.0) >= 0.8),
+      (">= 12 held-out subjects x >= 10 prompts",
+       f"{eval_set.get('num_subjects', 0)} x {prompts}",
+       eval_set.get("num_subjects", 0) >= 12 and prompts >= 10),
+  ]
+  return [(name, value, bool(met)) for name, value, met in rows]
+
+
+def _targets_lines(metrics: dict[str, Any]) -> list[str]:
+  lines = ["| target | measured | met |", "|---|---|---|"]
+  lines += [f"| {name} | {value} | {'yes' if met else 'no'} |"
+            for name, value, met in target_checks(metrics)]
+  return lines
+
+
+def _curve_lines(curve: dict[str, list[dict[str, float]]]) -> list[str]:
+  """Held-out subject / text fidelity of each SuTI model at its saved steps."""
+  lines = ["| model | step | subject fidelity | same-subject rate | text fidelity |",
+           "|---|---|---|---|---|"]
+  for version, points in sorted(curve.items(), reverse=True):
+    lines += [f"| SuTI {version} | {p['step']} | {_fmt(p['subject_fidelity'])} | "
+              f"{_fmt(p['subject_match'])} | {_fmt(p['text_fidelity'])} |" for p in points]
+  return lines
+
+
 def _judges_lines(judges: dict[str, float]) -> list[str]:
   keys = ("subject_pair_accuracy", "subject_threshold", "text_attribute_accuracy",
           "text_score_matched", "text_score_mismatched")
@@ -115,7 +189,7 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
 
   Args:
     metrics: as written to metrics.json: 'methods', 'per_skill', 'judges',
-      'personalization_s', 'stages' (name -> {'wall_s', 'cpu_s'}), 'data' (ICL group counts),
+      'personalization_s', 'stages' (name -> {'wall_s', 'cpu_s', 'compile_s'}), 'data' (ICL group counts),
       'eval_set' (counts), 'training' (stage -> final scalars), 'scale' (a
       one-line description of the run).
     grids: [{'path': relative PNG path, 'subject': id, 'prompts': [str]}].
@@ -130,12 +204,20 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
            f"any training, {eval_set.get('num_prompts', '?')} prompts over the five skills, "
            "each with its exact ground-truth image. Images are compared at the base "
            "resolution.", "", "## Headline: method x metric", ""]
-  lines += methods_table(metrics["methods"])
+  lines += methods_table(metrics["methods"], metrics.get("intervals"))
   lines += ["", "↑ higher is better, ↓ lower is better; the last column is neither: it shows "
-            "how close a method's images are to one of its exemplars (copying)."]
+            "how close a method's images are to one of its exemplars (copying). Brackets: "
+            "95% intervals from a bootstrap over held-out subjects."]
   lines += ["", "## What the numbers show", ""]
   lines += [f"- {s}" for s in findings(metrics)]
-  lines += ["", CAVEAT, "", "## Per skill", ""]
+  lines += ["", CAVEAT, "", "## Targets", "",
+            "What the demo is meant to show, checked against this run's numbers.", ""]
+  lines += _targets_lines(metrics)
+  if metrics.get("learning_curve"):
+    lines += ["", "## Learning curve", "", "Held-out fidelity of each SuTI model at its "
+              "saved training steps (same prompts, seeds and sampler as the headline).", ""]
+    lines += _curve_lines(metrics["learning_curve"])
+  lines += ["", "## Per skill", ""]
   for metric in ("subject_fidelity", "text_fidelity", "pixel_mse"):
     lines += per_skill_table(metrics["per_skill"], metric) + [""]
   lines += ["## Judges", "", "Subject fidelity and text fidelity come from small CNN judges "
@@ -166,13 +248,17 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
   stages = metrics.get("stages", {})
   lines += ["", "Stages run two at a time where their dependencies allow, so a stage's wall "
             "time includes sharing the cores, and CPU seconds count the whole process "
-            "while the stage ran.", "",
-            "| stage | wall s | CPU s |", "|---|---|---|"]
-  lines += [f"| {name} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} |" for name, t in stages.items()]
+            "while the stage ran. Compile s counts the XLA compiles of the stage itself "
+            "(near 0 where the workdir's compilation cache already held its programs).", "",
+            "| stage | wall s | CPU s | compile s |", "|---|---|---|---|"]
+  lines += [f"| {name} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} | {_fmt(t.get('compile_s'), 1)} |"
+            for name, t in stages.items()]
   spans = [(t["start_time"], t["end_time"]) for t in stages.values() if "start_time" in t]
   if spans:
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
-    lines.append(f"| all stages, first start to last end | {last - first:.1f} | |")
+    compile_s = sum(t.get("compile_s", 0.0) for t in stages.values())
+    lines.append(f"| all stages, first start to last end | {last - first:.1f} | | "
+                 f"{compile_s:.1f} |")
   if grids:
     lines += ["", "## Grids", "",
               "Each row is one prompt. Columns: the exemplars (blank = no exemplar), then "

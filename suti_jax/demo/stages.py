@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import tqdm
 
+from suti_jax import compile_cache
+
 MARKER_DIR = "markers"
 
 
@@ -84,9 +86,10 @@ class StageRunner:
         cores take about the time of one.
 
     Returns:
-      stage name -> its marker: {'outputs', 'wall_s', 'cpu_s', 'skipped',
-      'fingerprint'}; the times are those of the run that produced the outputs
-      ('cpu_s' counts the whole process, so it includes any stage that ran beside).
+      stage name -> its marker: {'outputs', 'wall_s', 'cpu_s', 'compile_s',
+      'skipped', 'fingerprint'}; the times are those of the run that produced the
+      outputs ('cpu_s' counts the whole process, so it includes any stage that ran
+      beside; 'compile_s' counts the XLA compiles of the stage's own thread).
 
     Raises:
       The first failing stage's exception, after the stages already running
@@ -147,12 +150,14 @@ class StageRunner:
 
   def _run_one(self, stage: Stage) -> dict[str, Any]:
     start, start_cpu = time.time(), time.process_time()
+    start_compile = compile_cache.thread_compile_seconds()
     outputs = stage.fn()
     # CPU seconds (all threads) next to wall time: on a shared machine they tell
     # how long the stage would take on idle cores.
     end = time.time()
     marker = {"outputs": outputs, "wall_s": end - start, "start_time": start, "end_time": end,
               "cpu_s": time.process_time() - start_cpu,
+              "compile_s": compile_cache.thread_compile_seconds() - start_compile,
               "fingerprint": fingerprint_of(stage.fingerprint)}
     # Written last and atomically: a stage killed mid-way leaves no marker.
     tmp = self.marker_path(stage.name) + ".tmp"

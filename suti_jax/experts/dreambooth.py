@@ -344,9 +344,9 @@ def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
 def finetune_prepared(base_params: Params, data: Sequence[dict[str, np.ndarray]],
                       unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig,
                       cfg: ExpertConfig, key: jax.Array) -> list[Params]:
-  """Fine-tunes one expert per prepared subject, at most `cfg.max_parallel_experts`
-  at a time, in chunks of equal size (the last one padded with a repeat whose
-  result is dropped), so the vmapped step compiles once.
+  """Fine-tunes one expert per prepared subject, `cfg.max_parallel_experts` at a
+  time (the last chunk padded with repeats whose results are dropped), so the
+  vmapped step compiles once.
 
   Subject i's randomness is `fold_in(key, i)`, so the result does not depend on
   how subjects are grouped into vmapped chunks.
@@ -366,8 +366,9 @@ def finetune_prepared(base_params: Params, data: Sequence[dict[str, np.ndarray]]
   experts = []
   if not data:
     return experts
-  num_chunks = -(-len(data) // max(1, cfg.max_parallel_experts))
-  size = -(-len(data) // num_chunks)
+  # Every chunk has max_parallel_experts slots, so one compiled step serves
+  # every call of a run, whatever its number of subjects.
+  size = max(1, cfg.max_parallel_experts)
   for start in range(0, len(data), size):
     chunk = list(data[start:start + size])
     real = len(chunk)

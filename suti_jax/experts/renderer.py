@@ -135,35 +135,49 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
   def render_targets(self, cluster: interfaces.Cluster,
                      prompts: Sequence[interfaces.PromptSpec], seed: int
                      ) -> list[interfaces.Target]:
-    """Fine-tunes the cluster's expert and renders every prompt in one batch.
+    """Fine-tunes the cluster's expert and renders every prompt in one batch."""
+    return self.render_batch([interfaces.RenderTask(cluster, tuple(prompts))], seed)[0]
+
+  def render_batch(self, tasks: Sequence[interfaces.RenderTask], seed: int
+                   ) -> list[list[interfaces.Target]]:
+    """Fine-tunes one expert per cluster (vmapped, `max_parallel_experts` at a time),
+    then renders each cluster's prompts in one batch.
 
     Args:
-      cluster: the cluster; its members' images train the expert and its
-        description names the subject in the prompts.
-      prompts: the prompts to render.
-      seed: seeds the fine-tune and the sampler.
+      tasks: clusters and prompts; a cluster's members' images train its expert
+        and its description names the subject in the prompts.
+      seed: seeds the class images, the fine-tunes and the sampler.
 
     Returns:
-      One Target per prompt (image uint8 [H, W, 3]), or Targets with an error.
+      Per task, one Target per prompt (image uint8 [H, W, 3]), or Targets with an error.
     """
     if self._base is None:
       raise RuntimeError("ExpertTargetRenderer.setup() was not called")
-    noun = class_noun_of(cluster.description)
-    if not noun or not cluster.members or not prompts:
-      error = "cluster has no description, no images or no prompts"
-      return [interfaces.Target(p.skill, p.prompt, None, error=error) for p in prompts]
     base, cfg = self._base, self._expert_cfg
     key = jax.random.PRNGKey(seed % 2**31)
-    expert = dreambooth.finetune_experts(
+    nouns = [class_noun_of(t.cluster.description) for t in tasks]
+    ready = [i for i, t in enumerate(tasks) if nouns[i] and t.cluster.members and t.prompts]
+    experts = dict(zip(ready, dreambooth.finetune_experts(
         base.params, base.text_encoder, base.unet_cfg, base.diffusion_cfg,
-        [(self._subject_images(cluster), noun)], cfg, jax.random.fold_in(key, 0))[0]
-    expert_prompts = [dreambooth.identifier_prompt(p.prompt, cluster.description, noun,
-                                                   cfg.identifier) for p in prompts]
-    rendered = dreambooth.render(
-        expert, expert_prompts, jax.random.fold_in(key, 1),
-        self._sampling_cfg or base.sampling_cfg, text_encoder=base.text_encoder,
-        unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
-    return [interfaces.Target(p.skill, p.prompt, image) for p, image in zip(prompts, rendered)]
+        [(self._subject_images(tasks[i].cluster), nouns[i]) for i in ready], cfg,
+        jax.random.fold_in(key, 0))))
+    out = []
+    for i, task in enumerate(tasks):
+      if i not in experts:
+        error = "cluster has no description, no images or no prompts"
+        out.append([interfaces.Target(p.skill, p.prompt, None, error=error)
+                    for p in task.prompts])
+        continue
+      expert_prompts = [dreambooth.identifier_prompt(p.prompt, task.cluster.description,
+                                                     nouns[i], cfg.identifier)
+                        for p in task.prompts]
+      rendered = dreambooth.render(
+          experts[i], expert_prompts, jax.random.fold_in(jax.random.fold_in(key, 1), i),
+          self._sampling_cfg or base.sampling_cfg, text_encoder=base.text_encoder,
+          unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
+      out.append([interfaces.Target(p.skill, p.prompt, image)
+                  for p, image in zip(task.prompts, rendered)])
+    return out
 
 
 def make_target_renderer(**options: Any) -> ExpertTargetRenderer:

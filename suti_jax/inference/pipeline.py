@@ -169,8 +169,8 @@ class Pipeline:
                              mask=np.arange(k_max) < k)
 
   def personalize(self, exemplar_images: Sequence[np.ndarray] | np.ndarray,
-                  exemplar_captions: Sequence[str], prompt: str, num_samples: int,
-                  key: jax.Array, *, guidance: str | None = None,
+                  exemplar_captions: Sequence[str], prompt: str | Sequence[str],
+                  num_samples: int, key: jax.Array, *, guidance: str | None = None,
                   guidance_scale: float | Sequence[float] | None = None,
                   text_guidance_scale: float | Sequence[float] | None = None,
                   exemplar_guidance_scale: float | Sequence[float] | None = None,
@@ -178,13 +178,13 @@ class Pipeline:
     """Renders the exemplars' subject as `prompt` describes (no fine-tuning).
 
     Exemplar features are encoded once per stage and reused at every step and
-    for every sample.
+    for every sample; several prompts of one subject render in one batched call.
 
     Args:
       exemplar_images: K uint8 [H, W, 3] images of one subject, 1 <= K <= K_max.
       exemplar_captions: K captions.
-      prompt: the new text.
-      num_samples: images to draw.
+      prompt: the new text, or P texts.
+      num_samples: images to draw per prompt.
       key: PRNG key.
       guidance: 'interleaved', 'cfg' or 'compositional'; default per stage config.
       guidance_scale: 'cfg' scale; all stages or per stage.
@@ -193,17 +193,18 @@ class Pipeline:
       num_steps: sampling steps; all stages or per stage.
 
     Returns:
-      uint8 [num_samples, S, S, 3].
+      uint8 [P * num_samples, S, S, 3], prompt-major (P = 1 for one prompt).
     """
     if guidance is not None and guidance not in GUIDANCE_MODES:
       raise ValueError(f"unknown guidance {guidance!r}; known: {list(GUIDANCE_MODES)}")
     exemplars = self.prepare_exemplars(exemplar_images, exemplar_captions)
     scales = self._scales(guidance_scale, text_guidance_scale, exemplar_guidance_scale)
-    return self._run([prompt], num_samples, key, num_steps, scales, exemplars, guidance)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return self._run(prompts, num_samples, key, num_steps, scales, exemplars, guidance)
 
 
 def personalize(pipeline: Pipeline, exemplar_images: Sequence[np.ndarray] | np.ndarray,
-                exemplar_captions: Sequence[str], prompt: str, num_samples: int,
+                exemplar_captions: Sequence[str], prompt: str | Sequence[str], num_samples: int,
                 key: jax.Array, **options: Any) -> np.ndarray:
   """`pipeline.personalize(...)`; see `Pipeline.personalize` for the options."""
   return pipeline.personalize(exemplar_images, exemplar_captions, prompt, num_samples, key,

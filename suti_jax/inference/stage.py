@@ -122,6 +122,14 @@ def _manager(directory: str) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(read_only=True))
 
 
+def checkpoint_steps(path: str) -> list[int]:
+  """The complete checkpoints' steps of a workdir (or checkpoints directory), ascending."""
+  manager = _manager(checkpoint_directory(path))
+  steps = sorted(manager.all_steps())
+  manager.close()
+  return steps
+
+
 def read_checkpoint_config(path: str, step: int | None = None) -> tuple[dict[str, Any], int]:
   """The config JSON item of a trainer checkpoint.
 
