@@ -13,8 +13,8 @@ from typing import Sequence
 
 import apache_beam as beam
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import Cluster, SubjectDescriber
+from data_pipeline import counters
+from suti_jax.data.pipeline_interfaces import Cluster, SubjectDescriber
 
 # Function words and photo boilerplate: never part of a description.
 STOPWORDS = frozenset(
@@ -75,9 +75,9 @@ class _ConsolidateFn(beam.DoFn):
   def process(self, cluster: Cluster):
     description = self._describer.describe([m.caption for m in cluster.members])
     if not description:
-      interfaces.count("drop/no_description")
+      counters.count("drop/no_description")
       return
-    interfaces.count("consolidate/clusters")
+    counters.count("consolidate/clusters")
     yield dataclasses.replace(cluster, description=description)
 
 

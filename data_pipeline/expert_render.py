@@ -7,21 +7,18 @@ Renderers by name: 'expert' (DreamBooth, from suti_jax.experts), 'same_cluster'
 from __future__ import annotations
 
 import collections
-import importlib
 from typing import Any, Sequence
 
 import apache_beam as beam
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import Candidate, Cluster, PromptSpec, RenderTask, Target
-from data_pipeline.interfaces import TargetRenderer
+from data_pipeline import counters
 from suti_jax.data import images
 from suti_jax.data import synthetic
+from suti_jax.data.pipeline_interfaces import Candidate, Cluster, PromptSpec, RenderTask, Target
+from suti_jax.data.pipeline_interfaces import TargetRenderer
+from suti_jax.experts import renderer as expert_renderer
 
 RENDERERS = ("expert", "same_cluster", "oracle")
-# The module and factory the 'expert' renderer loads: make_target_renderer(**options)
-# must return a TargetRenderer (it owns fine-tuning or loading the experts).
-EXPERT_MODULE = "suti_jax.experts.renderer"
 _STAGE = "expert_render"
 
 
@@ -70,21 +67,6 @@ class OracleRenderer(TargetRenderer):
     return targets
 
 
-def expert_factory():
-  """`suti_jax.experts.renderer.make_target_renderer`, imported lazily.
-
-  Raises:
-    ImportError: with what is missing and the alternatives.
-  """
-  try:
-    return importlib.import_module(EXPERT_MODULE).make_target_renderer
-  except (ImportError, AttributeError) as e:
-    raise ImportError(
-        f"--renderer=expert needs {EXPERT_MODULE}.make_target_renderer(**options) "
-        f"returning a data_pipeline.interfaces.TargetRenderer; it is unavailable ({e!r}). "
-        "Use --renderer=same_cluster or --renderer=oracle (synthetic world).") from e
-
-
 def make_target_renderer(name: str, **options: Any) -> TargetRenderer:
   """The renderer called `name`, built with `options`.
 
@@ -97,14 +79,13 @@ def make_target_renderer(name: str, **options: Any) -> TargetRenderer:
 
   Raises:
     ValueError: unknown name.
-    ImportError: 'expert' when `suti_jax.experts.renderer` is unavailable.
   """
   if name == "same_cluster":
     return SameClusterRenderer(**options)
   if name == "oracle":
     return OracleRenderer(**options)
   if name == "expert":
-    return expert_factory()(**options)
+    return expert_renderer.ExpertTargetRenderer(**options)
   raise ValueError(f"unknown renderer {name!r}; known: {RENDERERS}")
 
 
@@ -122,14 +103,14 @@ class _RenderFn(beam.DoFn):
     self._renderer.setup()
 
   def process(self, task: RenderTask):
-    seed = interfaces.stable_seed(self._seed, "render", task.cluster.key)
+    seed = counters.stable_seed(self._seed, "render", task.cluster.key)
     targets = self._renderer.render_targets(task.cluster, task.prompts, seed)
     for i, target in enumerate(targets):
       if target.image is None:
-        yield interfaces.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
+        yield counters.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
                                      task.cluster.key, f"{target.prompt!r}: {target.error}")
         continue
-      interfaces.count("expert_render/targets")
+      counters.count("expert_render/targets")
       yield Candidate(task.cluster, target, i, self._renderer.name)
 
 
@@ -140,10 +121,8 @@ class RenderTargets(beam.PTransform):
     super().__init__()
     if renderer not in RENDERERS:
       raise ValueError(f"unknown renderer {renderer!r}; known: {RENDERERS}")
-    if renderer == "expert":
-      expert_factory()  # Fail at construction, not later on a worker.
     self._fn = _RenderFn(renderer, dict(options or {}), seed)
 
   def expand(self, tasks):
     return (tasks | "Render" >> beam.ParDo(self._fn)
-            .with_outputs(interfaces.DEAD_LETTER, main="candidates"))
+            .with_outputs(counters.DEAD_LETTER, main="candidates"))

@@ -10,10 +10,10 @@ import dataclasses
 import apache_beam as beam
 import numpy as np
 
-from data_pipeline import interfaces
+from data_pipeline import counters
 from data_pipeline.consolidate import content_words
-from data_pipeline.interfaces import Cluster, PromptSpec, PromptWriter, RenderTask
 from suti_jax.data import synthetic
+from suti_jax.data.pipeline_interfaces import Cluster, PromptSpec, PromptWriter, RenderTask
 
 
 class GrammarPromptWriter(PromptWriter):
@@ -66,7 +66,7 @@ def write_prompts(cluster: Cluster, writer: PromptWriter, cfg: PromptConfig
   Returns:
     (prompts, number rejected as too similar to an exemplar caption).
   """
-  rng = np.random.default_rng(interfaces.stable_seed(cfg.seed, "prompts", cluster.key))
+  rng = np.random.default_rng(counters.stable_seed(cfg.seed, "prompts", cluster.key))
   captions = [m.caption for m in cluster.members]
   prompts, rejected = [], 0
   for j in range(cfg.prompts_per_cluster):
@@ -95,11 +95,11 @@ class _WriteFn(beam.DoFn):
   def process(self, cluster: Cluster):
     prompts, rejected = write_prompts(cluster, self._writer, self._cfg)
     if rejected:
-      interfaces.count("drop/prompt_too_similar", rejected)
+      counters.count("drop/prompt_too_similar", rejected)
     if not prompts:
-      interfaces.count("drop/no_prompts")
+      counters.count("drop/no_prompts")
       return
-    interfaces.count("prompt_writer/prompts", len(prompts))
+    counters.count("prompt_writer/prompts", len(prompts))
     yield RenderTask(cluster, tuple(prompts))
 
 

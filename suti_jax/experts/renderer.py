@@ -16,9 +16,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data_pipeline import interfaces
 from suti_jax.config import DiffusionConfig, SamplingConfig, UNetConfig
 from suti_jax.data import images as images_lib
+from suti_jax.data import pipeline_interfaces
 from suti_jax.experts import dreambooth
 from suti_jax.models import unet as unet_lib
 from suti_jax.models.text import TextEncoder, build_tokenizer, init_t5_params
@@ -87,7 +87,7 @@ def class_noun_of(description: str) -> str:
   return words[-1] if words else ""
 
 
-class ExpertTargetRenderer(interfaces.TargetRenderer):
+class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
   """DreamBooth targets: one expert per cluster, fine-tuned on the cluster's images.
 
   The expert's prompt for a target is the pipeline prompt with the cluster's
@@ -126,15 +126,15 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
     if self._base is None:
       self._base = load_base_model(self._workdir)
 
-  def _subject_images(self, cluster: interfaces.Cluster) -> np.ndarray:
+  def _subject_images(self, cluster: pipeline_interfaces.Cluster) -> np.ndarray:
     size = self._base.unet_cfg.image_size
     decoded = [images_lib.decode_array(m.image) for m in cluster.members[:self._max_images]]
     return np.stack([dreambooth.to_uint8(images_lib.preprocess_array(x, size))
                      for x in decoded])
 
-  def render_targets(self, cluster: interfaces.Cluster,
-                     prompts: Sequence[interfaces.PromptSpec], seed: int
-                     ) -> list[interfaces.Target]:
+  def render_targets(self, cluster: pipeline_interfaces.Cluster,
+                     prompts: Sequence[pipeline_interfaces.PromptSpec], seed: int
+                     ) -> list[pipeline_interfaces.Target]:
     """Fine-tunes the cluster's expert and renders every prompt in one batch.
 
     Args:
@@ -151,7 +151,7 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
     noun = class_noun_of(cluster.description)
     if not noun or not cluster.members or not prompts:
       error = "cluster has no description, no images or no prompts"
-      return [interfaces.Target(p.skill, p.prompt, None, error=error) for p in prompts]
+      return [pipeline_interfaces.Target(p.skill, p.prompt, None, error=error) for p in prompts]
     base, cfg = self._base, self._expert_cfg
     key = jax.random.PRNGKey(seed % 2**31)
     expert = dreambooth.finetune_experts(
@@ -163,7 +163,7 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
         expert, expert_prompts, jax.random.fold_in(key, 1),
         self._sampling_cfg or base.sampling_cfg, text_encoder=base.text_encoder,
         unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
-    return [interfaces.Target(p.skill, p.prompt, image) for p, image in zip(prompts, rendered)]
+    return [pipeline_interfaces.Target(p.skill, p.prompt, image) for p, image in zip(prompts, rendered)]
 
 
 def make_target_renderer(**options: Any) -> ExpertTargetRenderer:
