@@ -206,8 +206,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
   abstract, shardings, abstract_batch = experiment_lib.sharded_shapes(exp, mesh)
   logging.info("stage %s; mesh %s; %d params", sec.stage, mesh_lib.describe(mesh),
                sum(x.size for x in jax.tree.leaves(abstract.params)))
-  sharding_lib.assert_params_sufficiently_sharded(abstract.params, mesh,
-                                                  tolerance=SHARDING_TOLERANCE, raise_error=False)
+  sharding_lib.assert_params_sufficiently_sharded(
+      abstract.params, mesh, tolerance=SHARDING_TOLERANCE,
+      raise_above_bytes=sharding_lib.RAISE_ABOVE_PARAM_BYTES)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      every_steps=sec.train.checkpoint_every_steps,
                                      keep=sec.train.keep_checkpoints)
