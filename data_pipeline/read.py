@@ -69,6 +69,11 @@ def _valid_url(url: str) -> bool:
   return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+def _image_drop_reason(error: images.ImageError) -> str:
+  # A count of its own: bombs are hostile input, not the usual broken download.
+  return "image_too_large" if isinstance(error, images.PixelBudgetError) else "undecodable_image"
+
+
 def _check(example_id: str, url: str, caption: str, image: bytes, true_subject_id: str):
   """Yields the WebRecord, or a dead letter saying what is wrong with it."""
   if not _valid_url(url):
@@ -77,7 +82,7 @@ def _check(example_id: str, url: str, caption: str, image: bytes, true_subject_i
   try:
     images.decode_array(image)
   except images.ImageError as e:
-    yield interfaces.dead_letter(_STAGE, "undecodable_image", example_id, url, e.problem)
+    yield interfaces.dead_letter(_STAGE, _image_drop_reason(e), example_id, url, e.problem)
     return
   interfaces.count("read/records")
   yield WebRecord(example_id, url, caption, image, true_subject_id)
@@ -120,7 +125,8 @@ class _ParseCaptionExample(beam.DoFn):
     try:
       example = records.parse_caption_example(serialized)
     except records.RecordError as e:
-      reason = "undecodable_image" if e.field == "image" else "invalid_record"
+      reason = (_image_drop_reason(e.__cause__) if isinstance(e.__cause__, images.ImageError)
+                else "invalid_record")
       yield interfaces.dead_letter(_STAGE, reason, "", "", str(e))
       return
     yield from _check(example.example_id or example.url, example.url, example.caption,

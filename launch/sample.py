@@ -23,6 +23,7 @@ from absl import logging
 from einops import rearrange
 
 from suti_jax import inference
+from suti_jax.data import images as images_lib
 from suti_jax.train import experiment
 
 _CHECKPOINT = flags.DEFINE_multi_string(
@@ -89,6 +90,9 @@ def read_exemplars(pattern: str, captions: str | None) -> tuple[list[np.ndarray]
 
   Returns:
     (uint8 [H, W, 3] images, captions).
+
+  Raises:
+    images_lib.ImageError: naming an exemplar that is undecodable or over the pixel budget.
   """
   paths = sorted(glob.glob(os.path.join(pattern, "*") if os.path.isdir(pattern) else pattern))
   paths = [p for p in paths if p.lower().endswith(IMAGE_SUFFIXES)]
@@ -104,8 +108,7 @@ def read_exemplars(pattern: str, captions: str | None) -> tuple[list[np.ndarray]
     texts = [c.strip() for c in captions.split(";")]
   if len(texts) != len(paths):
     raise app.UsageError(f"{len(paths)} exemplar images but {len(texts)} captions")
-  images = [np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths]
-  return images, texts
+  return [images_lib.read_image(p) for p in paths], texts
 
 
 def grid(samples: np.ndarray, columns: int) -> np.ndarray:

@@ -13,8 +13,8 @@ import zlib
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
+from suti_jax.data import images as images_lib
 from suti_jax.eval import metrics
 
 _TEMPLATE_LINE = re.compile(r"^'(.*)'\.format\(unique_token, class_token\),?$")
@@ -156,8 +156,12 @@ def load_benchmark(root: str | pathlib.Path, subjects: Sequence[str] | None = No
 
 
 def load_images(subject: Subject) -> np.ndarray:
-  """The subject's reference photos as uint8 [M, H, W, 3] (DreamBench's are 256x256)."""
-  return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in subject.image_paths])
+  """The subject's reference photos as uint8 [M, H, W, 3] (DreamBench's are 256x256).
+
+  Raises:
+    images_lib.ImageError: naming the photo that is undecodable or over the pixel budget.
+  """
+  return np.stack([images_lib.read_image(p) for p in subject.image_paths])
 
 
 class GenerationMethod(abc.ABC):
@@ -204,7 +208,7 @@ class DirectoryMethod(GenerationMethod):
       if not path.is_file():
         raise FileNotFoundError(f"generated image {path} (subject {subject.name!r}, prompt "
                                 f"{index}: {prompt!r}) not found")
-      images.append(np.asarray(Image.open(path).convert("RGB")))
+      images.append(images_lib.read_image(path))
     return np.stack(images)
 
 
