@@ -242,6 +242,27 @@ def _benchmark_folder(tmp_path, image_entries):
   return root
 
 
+@pytest.mark.parametrize("entry", ["../outside/x.png", "ABSOLUTE", "images/dog/link.png",
+                                   "images/../../outside/x.png"])
+def test_manifest_paths_outside_the_folder_are_rejected(tmp_path, entry):
+  if entry == "ABSOLUTE":
+    entry = str(tmp_path / "outside" / "x.png")
+  root = _benchmark_folder(tmp_path, ["images/dog/00.png", entry])
+  (root / "images" / "dog" / "link.png").symlink_to(tmp_path / "outside" / "x.png")
+  expected = f"{root / 'manifest.json'}: subject 'dog': image '{entry}' is outside {root}"
+  with pytest.raises(dreambench.BenchmarkError, match=f"^{re.escape(expected)}"):
+    dreambench.load_benchmark(root)
+  with pytest.raises(dreambench.BenchmarkError, match=f"^{re.escape(expected)}"):
+    read.dreambench_rows(str(root))
+
+
+def test_manifest_symlink_inside_the_folder_is_kept(tmp_path):
+  root = _benchmark_folder(tmp_path, ["images/dog/00.png", "images/dog/link.png"])
+  (root / "images" / "dog" / "link.png").symlink_to(root / "images" / "dog" / "00.png")
+  (subject,) = dreambench.load_benchmark(root).subjects
+  assert dreambench.load_images(subject).shape == (2, 8, 8, 3)
+
+
 def test_dreambench_photo_errors_name_the_file(tmp_path):
   root = _benchmark_folder(tmp_path, ["images/dog/00.png", "images/dog/01.jpg"])
   (root / "images" / "dog" / "01.jpg").write_bytes(_truncated_jpeg())
