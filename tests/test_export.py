@@ -86,7 +86,8 @@ def test_export_with_mismatched_config_fails_clearly(saved_checkpoint, tmp_path)
   workdir, _, _ = saved_checkpoint
   with pytest.raises(serving.ConfigMismatchError,
                      match=r"model.base_channels: checkpoint 8 != config 32"):
-    serving.export_cascade([workdir], [suti_base64.get_config("tiny")], str(tmp_path / "out"))
+    serving.export_cascade([workdir], [experiment.sections(suti_base64.get_config("tiny"))],
+                           str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
 
 
@@ -122,7 +123,8 @@ def exported(tmp_path_factory):
   config = _suti_config(total_steps=2, checkpoint_every_steps=2)
   loop.run(config, workdir, input_source=tl.icl_source())
   out = str(tmp_path_factory.mktemp("export"))
-  card = serving.export_cascade([workdir], [config], out, num_steps=3, dtype="float32")
+  card = serving.export_cascade([workdir], [experiment.sections(config)], out, num_steps=3,
+                                dtype="float32")
   reference = inference.Pipeline([inference.load_stage(workdir).with_sampling(num_steps=3)])
   return workdir, out, card, reference
 

@@ -7,23 +7,17 @@ cluster on the cluster's images and renders all of the cluster's prompts in a ba
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from suti_jax.config import DiffusionConfig, SamplingConfig, UNetConfig
 from suti_jax.data import images as images_lib
 from suti_jax.data import pipeline_interfaces
 from suti_jax.experts import dreambooth
-from suti_jax.models import unet as unet_lib
-from suti_jax.models.text import TextEncoder, build_tokenizer, init_t5_params
-from suti_jax.train import checkpoint as checkpoint_lib
-from suti_jax.train import experiment as experiment_lib
+from suti_jax.inference import stage as inference_stage
+from suti_jax.models.text import TextEncoder, build_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,32 +47,11 @@ def load_base_model(workdir: str, *, use_ema: bool = True) -> BaseModel:
   Returns:
     The base model with the run's own configs.
   """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory, item_names=checkpoint_lib.ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in {directory!r}")
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  sec = experiment_lib.sections(ml_collections.ConfigDict(config["config"]))
-  key = jax.random.PRNGKey(0)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-  def abstract(init):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        nn.unbox(jax.eval_shape(init, key)))
-
-  field = "ema_params" if use_ema else "params"
-  target = {field: abstract(lambda k: unet_lib.init_params(sec.model, k, sec.text.max_length)
-                            ["params"]),
-            "text_params": abstract(lambda k: init_t5_params(sec.text, k))}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, partial_restore=True,
-      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target))))
-  manager.close()
-  state = restored["state"]
-  encoder = TextEncoder(sec.text, build_tokenizer(sec.text), state["text_params"])
-  return BaseModel(state[field], encoder, sec.model, sec.diffusion, sec.sampling)
+  stage = inference_stage.load_stage(workdir, use_ema=use_ema)
+  text_cfg = stage.spec.text
+  encoder = TextEncoder(text_cfg, build_tokenizer(text_cfg), stage.text_params)
+  return BaseModel(stage.params, encoder, stage.spec.model, stage.spec.diffusion,
+                   stage.spec.sampling)
 
 
 def class_noun_of(description: str) -> str:
@@ -164,8 +137,3 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
         self._sampling_cfg or base.sampling_cfg, text_encoder=base.text_encoder,
         unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
     return [pipeline_interfaces.Target(p.skill, p.prompt, image) for p, image in zip(prompts, rendered)]
-
-
-def make_target_renderer(**options: Any) -> ExpertTargetRenderer:
-  """The pipeline's 'expert' renderer factory: `ExpertTargetRenderer(**options)`."""
-  return ExpertTargetRenderer(**options)

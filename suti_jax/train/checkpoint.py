@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -104,30 +104,96 @@ def restore_params(directory: str, abstract_params: Any, *, use_ema: bool = Fals
   source run (optimizer, text encoder) are not needed.
 
   Args:
-    directory: a Checkpointer directory.
+    directory: a Checkpointer directory or the workdir holding it.
     abstract_params: ShapeDtypeStructs (with shardings) of the source params.
     use_ema: read `ema_params` instead of `params`.
 
   Returns:
     The params tree laid out per `abstract_params`.
   """
+  loaded = load_params(directory, abstract_params, use_ema=use_ema)
+  logging.info("init_from: %s params of %s step %d", "ema_params" if use_ema else "params",
+               directory, loaded.step)
+  return loaded.params
+
+
+def checkpoint_directory(path: str) -> str:
+  """`<path>/checkpoints` when `path` is a training workdir, else `path` itself (absolute)."""
+  nested = os.path.join(path, "checkpoints")
+  directory = nested if os.path.isdir(nested) else path
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"init_from: checkpoint directory {directory!r} does not exist")
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS,
+    raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+  return os.path.abspath(directory)
+
+
+def _read_only_step(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+  """A read-only manager on `path`'s checkpoints and the step to read (default latest)."""
+  directory = checkpoint_directory(path)
+  manager = ocp.CheckpointManager(directory, item_names=ITEMS,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"init_from: no complete checkpoint in {directory!r}")
+  steps = sorted(manager.all_steps())
+  if not steps:
+    manager.close()
+    raise FileNotFoundError(f"no complete checkpoint in {directory!r}")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    manager.close()
+    raise FileNotFoundError(f"step {step} not in {directory!r}; steps: {steps}")
+  return manager, step
+
+
+def read_config(path: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """The `config` JSON item of a checkpoint.
+
+  Args:
+    path: a workdir or its `checkpoints` directory.
+    step: default the latest.
+
+  Returns:
+    (the config as the trainer saved it, the step read).
+  """
+  manager, step = _read_only_step(path, step)
+  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  manager.close()
+  return dict(config["config"]), step
+
+
+class LoadedParams(NamedTuple):
+  """What `load_params` read: UNet params, text params (or None) and their step."""
+
+  params: Any
+  text_params: Any
+  step: int
+
+
+def load_params(path: str, abstract_params: Any, *, use_ema: bool,
+                abstract_text_params: Any = None, step: int | None = None) -> LoadedParams:
+  """Reads a trained stage's params, and nothing else, onto the given shardings.
+
+  The one way to restore params for sampling, export, experts and `init_from`:
+  the optimizer state stays on disk, so callers never build an optimizer.
+
+  Args:
+    path: a workdir or its `checkpoints` directory.
+    abstract_params: ShapeDtypeStructs with shardings of the UNet params (any mesh).
+    use_ema: read `ema_params` (what the trainer samples with) instead of `params`.
+    abstract_text_params: also read the frozen T5 params onto these; None = skip.
+    step: default the latest.
+
+  Returns:
+    LoadedParams laid out per the abstract trees.
+  """
+  manager, step = _read_only_step(path, step)
   field = "ema_params" if use_ema else "params"
   target = {field: abstract_params}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-          partial_restore=True)))
+  if abstract_text_params is not None:
+    target["text_params"] = abstract_text_params
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+      partial_restore=True)))["state"]
   manager.close()
-  logging.info("init_from: %s params of %s step %d", field, directory, step)
-  return restored["state"][field]
+  return LoadedParams(restored[field], restored.get("text_params"), step)
 
 
 def git_hash() -> str:
