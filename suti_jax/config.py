@@ -1,9 +1,10 @@
 """Typed, frozen views of the config sections that library code receives.
 
-`configs/*.py` return plain `ml_collections.ConfigDict`s; `launch/` turns each
-section into one of these dataclasses with `section(cls, cfg.x)`, which rejects
-unknown keys and wrong types with a message naming the field. Library code
-never sees a ConfigDict.
+`configs/*.py` return `ml_collections.ConfigDict`s, converted once per run by
+`train.experiment.sections` (`section(cls, cfg.x)` rejects unknown keys and wrong
+types, naming the field). Only launch/, the demo, `gin_bindings` and
+`train.loop.run(config, workdir)` handle a ConfigDict; modules below take these
+dataclasses, and checkpoints' saved configs are read back into them from JSON.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class DiffusionConfig:
   Attributes:
     schedule: 'cosine', 'linear' (log-SNR linear in t) or 'linear_beta'
       (Imagen's continuous linear-beta) log-SNR schedule.
-    prediction: 'eps' or 'v'.
+    prediction: 'eps', 'v' or 'x0' (what the UNet outputs).
     loss_weighting: 'none' or 'min_snr'.
     text_drop_prob / exemplar_drop_prob / both_drop_prob: condition dropout
       probabilities for classifier-free guidance (disjoint events).

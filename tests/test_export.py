@@ -184,7 +184,7 @@ def test_serve_example_serves_a_request_directory(exported, tmp_path):
 
 @pytest.mark.slow
 def test_launch_train_then_launch_export_tiny(tmp_path):
-  """The issue's done-criterion: launch/train.py's checkpoint -> launch/export.py."""
+  """End to end through the CLIs: launch/train.py's checkpoint -> launch/export.py."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
   config = "configs/imagen_base64.py:tiny"
   workdir, out = str(tmp_path / "wd"), str(tmp_path / "export")

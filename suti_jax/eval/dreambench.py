@@ -134,7 +134,7 @@ def load_benchmark(root: str | pathlib.Path, subjects: Sequence[str] | None = No
   """Reads and validates `manifest.json` and `prompts_and_classes.txt` under `root`.
 
   Args:
-    root: the DreamBench folder (e.g. /work/shared/dreambench).
+    root: the DreamBench folder (e.g. ../shared/dreambench).
     subjects: names to keep (all when None), in manifest order.
     unique_token: identifier placed in prompts (see `fill_prompt`).
 
