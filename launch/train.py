@@ -102,13 +102,18 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that flag parsing (and its tests) need no jax backend.
   from suti_jax.parallel import distributed
+  from suti_jax.train import checkpoint as checkpoint_lib
   from suti_jax.train import loop
 
   f = flags.FLAGS
   distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
                          multihost=f.multihost)
   config = apply_gin(f.config, f.gin_file, f.gin_bindings)
-  result = loop.run(config, f.workdir)
+  try:
+    result = loop.run(config, f.workdir)
+  except (config_lib.ConfigError, checkpoint_lib.CheckpointError) as e:
+    # The message says what to change; a traceback would only bury it.
+    sys.exit(f"FATAL {type(e).__name__}: {e}")
   if result.get("preempted"):
     logging.warning("preempted at step %d; checkpoint saved, exiting cleanly",
                     int(result["step"]))

@@ -229,7 +229,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training loop."""
+  """The training loop.
+
+  Attributes:
+    restore_step: resume from this saved step instead of the latest (0), e.g.
+      when the latest is damaged; the later steps are moved to
+      `<workdir>/discarded_checkpoints/`.
+  """
 
   batch_size: int = 2048
   total_steps: int = 2_500_000
@@ -239,6 +245,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   sample_every_steps: int = 0
   peak_flops_per_device: float = 0.0
+  restore_step: int = 0
 
 
 # Every section is frozen and hashable: register them as static pytree nodes so

@@ -5,8 +5,11 @@ restores straight into the target shardings of any mesh.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import subprocess
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -16,6 +19,18 @@ from absl import logging
 from suti_jax.train.state import TrainState
 
 ITEMS = ("state", "data_iter", "config", "meta")
+# Orbax writes step N to 'N<suffix>' and renames it when complete; one left
+# behind is a save cut short by a crash.
+PARTIAL_SAVE_GLOB = "*.orbax-checkpoint-tmp*"
+# Next to the checkpoint directory: steps after a chosen `restore_step`.
+DISCARDED_DIR = "discarded_checkpoints"
+# Characters of Orbax's error kept in CheckpointError (TensorStore appends
+# kilobytes of JSON spec).
+MAX_CAUSE_CHARS = 400
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint step cannot be restored: damaged, incomplete or not there."""
 
 
 class Checkpointer:
@@ -36,6 +51,8 @@ class Checkpointer:
     """
     self.directory = os.path.abspath(directory)
     self._every_steps = every_steps
+    if jax.process_index() == 0:
+      _remove_partial_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         save_interval_steps=1)
@@ -79,14 +96,68 @@ class Checkpointer:
 
     Returns:
       (state, data_iter state, meta).
+
+    Raises:
+      FileNotFoundError: the directory holds no complete checkpoint.
+      CheckpointError: `step` is not there or cannot be read; the message
+        names its directory and the other steps, to pass as
+        `--config.train.restore_step`.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    steps = self.all_steps()
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint step {step} in {self.directory}; steps there: {steps}")
+    cause = None
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    # Orbax and TensorStore raise ValueError, KeyError, OSError, ... for
+    # damaged files, and tree errors for a missing _METADATA: any of them means
+    # this step cannot be used.
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      cause = _short_cause(e)
+    if cause is not None:
+      # Raised outside the `except` so that Orbax's exception (and the pending
+      # TensorStore reads its traceback keeps alive) is freed now: otherwise each
+      # read prints 'RuntimeError: Event loop is closed' at exit.
+      raise CheckpointError(self._damaged_message(step, steps, cause))
     return out["state"], out["data_iter"], out["meta"]
+
+  def _damaged_message(self, step: int, steps: list[int], cause: str) -> str:
+    earlier = [s for s in steps if s < step]
+    offer = (f"earlier steps available: {earlier}; resume from one with "
+             f"--config.train.restore_step={earlier[-1]}" if earlier else
+             "no earlier step is available; move it aside to start from scratch")
+    return (f"checkpoint step {step} ({os.path.join(self.directory, str(step))}) cannot be "
+            f"restored: damaged, or written for a different model ({cause}); {offer}")
+
+  def discard_after(self, step: int) -> list[int]:
+    """Moves steps after `step` out of the directory, to resume from `step`.
+
+    Left in place, a later (e.g. damaged) step would stay the latest and block
+    the save of its own step number. They go to `../discarded_checkpoints/`.
+
+    Args:
+      step: the step training resumes from.
+
+    Returns:
+      The steps moved.
+    """
+    later = [s for s in self.all_steps() if s > step]
+    if later and jax.process_index() == 0:
+      dest = os.path.join(os.path.dirname(self.directory), DISCARDED_DIR,
+                          time.strftime("%Y%m%d-%H%M%S"))
+      os.makedirs(dest, exist_ok=True)
+      for s in later:
+        shutil.move(os.path.join(self.directory, str(s)), os.path.join(dest, str(s)))
+      logging.warning("resuming from step %d: moved later steps %s to %s", step, later, dest)
+    if later:
+      ocp.multihost.sync_global_processes("suti_discard_after")
+      self._manager.reload()
+    return later
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
@@ -95,6 +166,22 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _remove_partial_saves(directory: str) -> None:
+  """Deletes step directories a crash left half-written (Orbax ignores them)."""
+  for path in sorted(glob.glob(os.path.join(directory, PARTIAL_SAVE_GLOB))):
+    shutil.rmtree(path)
+    logging.warning("removed %s: a checkpoint save that did not finish", path)
+
+
+def _short_cause(error: Exception) -> str:
+  """'Type: first part of the message', without TensorStore's JSON spec."""
+  text = str(error).split(" [tensorstore_spec=")[0].strip()
+  text = " ".join(text.split())  # One line.
+  if len(text) > MAX_CAUSE_CHARS:
+    text = text[:MAX_CAUSE_CHARS] + "..."
+  return f"{type(error).__name__}: {text}"
 
 
 def restore_params(directory: str, abstract_params: Any, *, use_ema: bool = False) -> Any:

@@ -87,13 +87,23 @@ def _init_from(exp: experiment_lib.Experiment, state: TrainState,
 def _initial_state(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpointer,
                    abstract: TrainState, shardings: TrainState,
                    data: input_lib.InputIterator) -> tuple[TrainState, int]:
-  """Resume order: own checkpoint in workdir -> init_from -> scratch."""
-  latest = ckpt.latest_step()
+  """Resume order: own checkpoint in workdir (latest or train.restore_step) ->
+  init_from -> scratch."""
+  restore_step, latest = exp.sec.train.restore_step, ckpt.latest_step()
+  if restore_step < 0:
+    raise checkpoint_lib.CheckpointError(
+        f"train.restore_step={restore_step}: use 0 (the latest) or one of the saved steps "
+        f"{ckpt.all_steps()} in {ckpt.directory}")
   if latest is not None:
-    state, data_state, _ = ckpt.restore(abstract, latest)
+    step = restore_step or latest
+    state, data_state, _ = ckpt.restore(abstract, step)
+    ckpt.discard_after(step)
     data.set_state(data_state)
-    logging.info("resumed from %s step %d", ckpt.directory, latest)
-    return state, latest
+    logging.info("resumed from %s step %d", ckpt.directory, step)
+    return state, step
+  if restore_step:
+    raise checkpoint_lib.CheckpointError(
+        f"train.restore_step={restore_step}: no checkpoint in {ckpt.directory}")
   state = create_state(exp.init, shardings, jax.random.PRNGKey(exp.sec.train.seed), exp.sec.rules)
   if exp.sec.text.weights_path:
     text = nn.unbox(t5_convert.load_params(exp.sec.text.weights_path, exp.sec.text))
