@@ -216,7 +216,8 @@ class DataConfig:
   Attributes:
     kind: 'synthetic' (made on the fly), 'caption_tfrecord' or 'icl_tfrecord'.
     pattern: glob of TFRecord files for the tfrecord kinds.
-    corrupt_policy: 'fail' or 'skip' (skipped records are counted).
+    corrupt_policy: 'fail' or 'skip' (skipped records are logged and counted
+      in the scalar data/skipped_records).
   """
 
   kind: str = "synthetic"

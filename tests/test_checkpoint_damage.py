@@ -140,6 +140,8 @@ def test_damaged_run_fails_in_one_line_and_resumes_from_restore_step(tmp_path):
   config = tl.micro_config(total_steps=3, checkpoint_every_steps=1, restore_step=1)
   result = loop.run(config, workdir, input_source=tl.caption_source())
   assert result["step"] == 3
+  # The input's counters join the logged scalars (here: nothing skipped).
+  assert result["data/skipped_records"] == 0 and result["data/damaged_files"] == 0
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=5)
   assert ckpt.all_steps() == [1, 2, 3]  # Step 2 written again, from step 1.
   ckpt.close()

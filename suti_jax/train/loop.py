@@ -146,6 +146,7 @@ def _report(run: _Run, step: int, metrics: dict[str, jax.Array]) -> dict[str, fl
     return None
   scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
   scalars.update(run.throughput.measure(step))
+  scalars.update(run.data.stats())  # Skipped corrupt records and damaged files.
   run.writer.write_scalars(step, scalars)
   return scalars
 
