@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 RUN_PYTEST = rc=0; $(PYTHON) -m pytest $(1) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
-.PHONY: demo test test-slow test-all bench venv clean
+.PHONY: demo test test-slow test-all bench aot venv clean
 
 venv: $(CORE)
 
@@ -28,8 +28,10 @@ $(TESTDEPS): $(CORE) requirements-test.lock
 	touch $@
 
 # RETRAIN_BASE=1 trains the demo's base from scratch instead of installing the shipped one.
+# The demo is the CPU demo: JAX_PLATFORMS=cpu keeps libtpu (installed by the test lock
+# for AOT tests) from probing for a TPU; set JAX_PLATFORMS to override.
 demo: $(CORE)
-	$(PYTHON) -m launch.demo $(if $(RETRAIN_BASE),--retrain_base)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PYTHON) -m launch.demo $(if $(RETRAIN_BASE),--retrain_base)
 
 test: $(TESTDEPS)
 	@$(call RUN_PYTEST,-n 2 tests)
@@ -44,6 +46,22 @@ test-all: $(TESTDEPS)
 bench: $(TESTDEPS)
 	test -x .venv-bench/bin/python || bash bench/setup_peers.sh
 	$(PYTHON) -m bench.run_all
+
+# Ahead-of-time compiles of the paper-size SuTI train steps for TPU pod slices
+# (libtpu from the test lock; no TPU needed): reports/aot/<stage>_<topology>.json
+# with per-chip bytes vs HBM, FLOPs and compile seconds. v5p-128 and v4-128 are
+# 64 chips (4x4x4), v5litepod-256 is 16x16. Minutes per compile on 2 cores; the
+# tiny check: make aot AOT_ARG=:tiny AOT_TOPOLOGIES=v5e:2x2
+AOT_CONFIGS ?= suti_base64 suti_sr256
+AOT_TOPOLOGIES ?= v5p:4x4x4 v4:4x4x4 v5e:16x16
+AOT_ARG ?=
+AOT_FLAGS ?= --config.mesh.ici_data=1 --config.mesh.ici_fsdp=-1
+aot: $(TESTDEPS)
+	@mkdir -p reports/aot; rc=0; for c in $(AOT_CONFIGS); do for t in $(AOT_TOPOLOGIES); do \
+	  out=reports/aot/$$c$$(echo "$(AOT_ARG)" | tr : _)_$$(echo $$t | tr : _).json; \
+	  JAX_PLATFORMS=cpu $(PYTHON) -m launch.compile_aot --config=configs/$$c.py$(AOT_ARG) \
+	    --topology=$$t $(AOT_FLAGS) --report=$$out || rc=1; \
+	done; done; exit $$rc
 
 clean:
 	rm -rf $(VENV) reports workdirs

@@ -12,10 +12,10 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["suti_jax", "suti_jax.*", "configs", "launch", "data_pipeline"]),
     install_requires=[
         "jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "orbax-checkpoint>=0.12.8",
-        "orbax-export>=0.0.8", "ml_collections>=1.1.0", "einops>=0.8.2", "chex>=0.1.92",
-        "tensorflow-cpu>=2.21.0", "tensorflow-datasets>=4.9.10", "tensorboard>=2.21.0",
-        "apache-beam[tfrecord]>=2.77.0", "clu>=0.0.12", "gin-config>=0.5.0",
-        "numpy>=2.4", "safetensors>=0.8.0", "pillow>=12.3.0", "sentencepiece>=0.2.2", "tqdm",
+        "ml_collections>=1.1.0", "einops>=0.8.2", "tensorflow-cpu>=2.21.0",
+        "tensorboard>=2.21.0", "apache-beam[tfrecord]>=2.77.0", "clu>=0.0.12",
+        "gin-config>=0.5.0", "numpy>=2.4", "safetensors>=0.8.0", "pillow>=12.3.0",
+        "sentencepiece>=0.2.2", "tqdm>=4.70.1",
     ],
     extras_require={"test": ["pytest>=9.2.0", "pytest-xdist>=3.8.0"]},
 )

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Sequence
 
 REPORT_DIR = os.path.join("reports", "bench")
-# Threads each system may use: the fixed budget for side-by-side timing.
+# Threads each system may use: one fixed budget for every side-by-side timing.
 THREADS = 2
 
 

@@ -33,7 +33,7 @@ def _import_imagen_unet():
 
   imagen_pytorch imports torchvision.transforms only to turn samples into PIL
   images, and PyPI's torchvision wheel does not load beside CPU torch 2.13
-  (`operator torchvision::nms does not exist`, /work/shared/known-good.md), so
+  (importing it fails with `operator torchvision::nms does not exist`), so
   the peer venv has none. An empty module stands in for it while
   imagen_pytorch imports; any real use would raise AttributeError. Libraries
   that probe for torchvision with find_spec are imported first, so they see it

@@ -83,7 +83,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=2048, total_steps=2_500_000, seed=0, log_every_steps=100,
       checkpoint_every_steps=5000, keep_checkpoints=3, sample_every_steps=0,
-      peak_flops_per_device=0.0))
+      peak_flops_per_device=0.0, restore_step=0))
   return c
 
 

@@ -105,19 +105,37 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
            FileSystems.join(args.output, "dead_letter.jsonl")))
 
 
-def run(argv: Sequence[str]) -> dict[str, Any]:
+def pipeline_args(**fields: Any) -> argparse.Namespace:
+  """The pipeline's arguments for callers in Python: the flags' defaults, `fields` replaced.
+
+  Args:
+    **fields: flag names without dashes (input=, output=, renderer=, ...).
+
+  Raises:
+    ValueError: a field that is not one of the pipeline's flags.
+  """
+  args, _ = parse_args(["--input=", "--output="])
+  unknown = sorted(set(fields) - set(vars(args)))
+  if unknown:
+    raise ValueError(f"unknown pipeline arguments {unknown}; known: {sorted(vars(args))}")
+  for name, value in fields.items():
+    setattr(args, name, value)
+  return args
+
+
+def run_pipeline(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict[str, Any]:
   """Runs the pipeline to completion and writes `summary.json`.
 
   Args:
-    argv: command-line flags (this pipeline's and Beam's).
+    args: this pipeline's arguments (`parse_args` or `pipeline_args`).
+    beam_args: Beam PipelineOptions flags (runner and its options).
 
   Returns:
     The summary (see `write.summarize`).
   """
-  args, beam_args = parse_args(argv)
   if not FileSystems.exists(args.output):
     FileSystems.mkdirs(args.output)
-  p = beam.Pipeline(options=PipelineOptions(beam_args))
+  p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
   build(p, args)
   result = p.run()
   result.wait_until_finish()
@@ -126,6 +144,12 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
   with FileSystems.create(FileSystems.join(args.output, "summary.json")) as f:
     f.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
   return summary
+
+
+def run(argv: Sequence[str]) -> dict[str, Any]:
+  """The command line: this pipeline's flags and Beam's -> `run_pipeline`."""
+  args, beam_args = parse_args(argv)
+  return run_pipeline(args, beam_args)
 
 
 if __name__ == "__main__":

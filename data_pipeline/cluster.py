@@ -11,8 +11,8 @@ import urllib.parse
 
 import apache_beam as beam
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import Cluster, WebRecord
+from data_pipeline import counters
+from suti_jax.data.pipeline_interfaces import Cluster, WebRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +55,13 @@ def cluster_key(url: str, rules: UrlRules = UrlRules()) -> str:
 
 def _to_cluster(element: tuple[str, list[WebRecord]], rules: UrlRules):
   key, members = element
-  interfaces.count("cluster/clusters")
+  counters.count("cluster/clusters")
   unique: dict[str, WebRecord] = {}
   # Sorting first makes the kept duplicate the same on every run.
   for record in sorted(members, key=lambda r: (r.url, r.example_id)):
     url = normalise_url(record.url, rules)
     if url in unique:
-      interfaces.count("drop/duplicate_url")
+      counters.count("drop/duplicate_url")
     else:
       unique[url] = record
   yield Cluster(key, tuple(unique.values()))

@@ -11,9 +11,9 @@ import dataclasses
 import apache_beam as beam
 import numpy as np
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import Cluster, ImageEmbedder
+from data_pipeline import counters
 from suti_jax.data import images
+from suti_jax.data.pipeline_interfaces import Cluster, ImageEmbedder
 
 
 class ColourEmbedder(ImageEmbedder):
@@ -134,11 +134,11 @@ class _FilterFn(beam.DoFn):
     emb = self._embedder.embed(decode_members(cluster))
     kept, removed, reason = filter_cluster(cluster, emb, self._cfg)
     if removed:
-      interfaces.count("drop/image_outlier", removed)
+      counters.count("drop/image_outlier", removed)
     if kept is None:
-      interfaces.count(f"drop/{reason}")
+      counters.count(f"drop/{reason}")
       return
-    interfaces.count("cluster_filter/clusters")
+    counters.count("cluster_filter/clusters")
     yield kept
 
 

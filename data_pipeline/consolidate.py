@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from typing import Sequence
 
 import apache_beam as beam
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import Cluster, SubjectDescriber
-
-# Function words and photo boilerplate: never part of a description.
-STOPWORDS = frozenset(
-    "a an the and or of on in at to with without for from by as is are this that "
-    "photo picture image render shot close up its it".split())
-_WORD_RE = re.compile(r"[a-z][a-z'-]*")
-
-
-def content_words(text: str) -> list[str]:
-  """Lowercased words of `text` without stopwords, in order."""
-  return [w for w in _WORD_RE.findall(text.lower()) if w not in STOPWORDS]
-
+from data_pipeline import counters
+from suti_jax.data.captions import content_words
+from suti_jax.data.pipeline_interfaces import Cluster, SubjectDescriber
 
 class FrequentWordsDescriber(SubjectDescriber):
   """Keeps the content words in at least `min_fraction` of the captions (and two).
@@ -75,9 +63,9 @@ class _ConsolidateFn(beam.DoFn):
   def process(self, cluster: Cluster):
     description = self._describer.describe([m.caption for m in cluster.members])
     if not description:
-      interfaces.count("drop/no_description")
+      counters.count("drop/no_description")
       return
-    interfaces.count("consolidate/clusters")
+    counters.count("consolidate/clusters")
     yield dataclasses.replace(cluster, description=description)
 
 

@@ -7,21 +7,18 @@ Renderers by name: 'expert' (DreamBooth, from suti_jax.experts), 'same_cluster'
 from __future__ import annotations
 
 import collections
-import importlib
 from typing import Any, Sequence
 
 import apache_beam as beam
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import Candidate, Cluster, PromptSpec, RenderTask, Target
-from data_pipeline.interfaces import TargetRenderer
+from data_pipeline import counters
 from suti_jax.data import images
 from suti_jax.data import synthetic
+from suti_jax.data.pipeline_interfaces import Candidate, Cluster, PromptSpec, RenderTask, Target
+from suti_jax.data.pipeline_interfaces import TargetRenderer
+from suti_jax.experts import renderer as expert_renderer
 
 RENDERERS = ("expert", "same_cluster", "oracle")
-# The module and factory the 'expert' renderer loads: make_target_renderer(**options)
-# must return a TargetRenderer (it owns fine-tuning or loading the experts).
-EXPERT_MODULE = "suti_jax.experts.renderer"
 _STAGE = "expert_render"
 # Clusters are batched within hash groups of about this many batches; only each
 # group's last batch can be short.
@@ -73,21 +70,6 @@ class OracleRenderer(TargetRenderer):
     return targets
 
 
-def expert_factory():
-  """`suti_jax.experts.renderer.make_target_renderer`, imported lazily.
-
-  Raises:
-    ImportError: with what is missing and the alternatives.
-  """
-  try:
-    return importlib.import_module(EXPERT_MODULE).make_target_renderer
-  except (ImportError, AttributeError) as e:
-    raise ImportError(
-        f"--renderer=expert needs {EXPERT_MODULE}.make_target_renderer(**options) "
-        f"returning a data_pipeline.interfaces.TargetRenderer; it is unavailable ({e!r}). "
-        "Use --renderer=same_cluster or --renderer=oracle (synthetic world).") from e
-
-
 def make_target_renderer(name: str, **options: Any) -> TargetRenderer:
   """The renderer called `name`, built with `options`.
 
@@ -100,19 +82,18 @@ def make_target_renderer(name: str, **options: Any) -> TargetRenderer:
 
   Raises:
     ValueError: unknown name.
-    ImportError: 'expert' when `suti_jax.experts.renderer` is unavailable.
   """
   if name == "same_cluster":
     return SameClusterRenderer(**options)
   if name == "oracle":
     return OracleRenderer(**options)
   if name == "expert":
-    return expert_factory()(**options)
+    return expert_renderer.ExpertTargetRenderer(**options)
   raise ValueError(f"unknown renderer {name!r}; known: {RENDERERS}")
 
 
 class _RenderFn(beam.DoFn):
-  """Builds the renderer once per worker (setup) and renders a cluster per call."""
+  """Builds the renderer once per worker (setup) and renders a batch of clusters per call."""
 
   def __init__(self, name: str, options: dict[str, Any], seed: int):
     self._name = name
@@ -127,14 +108,14 @@ class _RenderFn(beam.DoFn):
   def process(self, batch: Sequence[RenderTask]):
     """Renders a batch of clusters (sorted by key; one cluster when not batching)."""
     keys = [task.cluster.key for task in batch]
-    seed = interfaces.stable_seed(self._seed, "render", *keys)
+    seed = counters.stable_seed(self._seed, "render", *keys)
     for task, targets in zip(batch, self._renderer.render_batch(batch, seed)):
       for i, target in enumerate(targets):
         if target.image is None:
-          yield interfaces.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
-                                       task.cluster.key, f"{target.prompt!r}: {target.error}")
+          yield counters.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
+                                     task.cluster.key, f"{target.prompt!r}: {target.error}")
           continue
-        interfaces.count("expert_render/targets")
+        counters.count("expert_render/targets")
         yield Candidate(task.cluster, target, i, self._renderer.name)
 
 
@@ -161,8 +142,6 @@ class RenderTargets(beam.PTransform):
       raise ValueError(f"unknown renderer {renderer!r}; known: {RENDERERS}")
     if batch_size < 1:
       raise ValueError(f"render batch_size must be >= 1, got {batch_size}")
-    if renderer == "expert":
-      expert_factory()  # Fail at construction, not later on a worker.
     self._fn = _RenderFn(renderer, dict(options or {}), seed)
     self._batch_size = batch_size
 
@@ -175,11 +154,11 @@ class RenderTargets(beam.PTransform):
 
       def group(task, n):
         groups = max(1, -(-n // (size * _BATCHES_PER_GROUP)))
-        return interfaces.stable_seed("render-group", task.cluster.key) % groups, task
+        return counters.stable_seed("render-group", task.cluster.key) % groups, task
 
       batches = (tasks
                  | "Group" >> beam.Map(group, n=beam.pvalue.AsSingleton(count))
                  | "ByGroup" >> beam.GroupByKey()
                  | "Batch" >> beam.FlatMap(lambda kv: batches_of(list(kv[1]), size)))
     return (batches | "Render" >> beam.ParDo(self._fn)
-            .with_outputs(interfaces.DEAD_LETTER, main="candidates"))
+            .with_outputs(counters.DEAD_LETTER, main="candidates"))

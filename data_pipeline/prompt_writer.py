@@ -10,10 +10,10 @@ import dataclasses
 import apache_beam as beam
 import numpy as np
 
-from data_pipeline import interfaces
-from data_pipeline.consolidate import content_words
-from data_pipeline.interfaces import Cluster, PromptSpec, PromptWriter, RenderTask
+from data_pipeline import counters
 from suti_jax.data import synthetic
+from suti_jax.data.captions import caption_similarity
+from suti_jax.data.pipeline_interfaces import Cluster, PromptSpec, PromptWriter, RenderTask
 
 
 class GrammarPromptWriter(PromptWriter):
@@ -22,18 +22,6 @@ class GrammarPromptWriter(PromptWriter):
   def write(self, description: str, skill: str, rng: np.random.Generator) -> str:
     scene = synthetic.random_scene(skill, rng)
     return synthetic.write_prompt(None, scene, rng, subject_ref=description)
-
-
-def caption_similarity(prompt: str, caption: str, description: str = "") -> float:
-  """Jaccard similarity of the content words of two texts, in [0, 1].
-
-  The description's words are left out: prompt and caption share them by
-  construction, and what must differ is what the prompt asks for.
-  """
-  subject = set(content_words(description))
-  a = set(content_words(prompt)) - subject
-  b = set(content_words(caption)) - subject
-  return len(a & b) / len(a | b) if a | b else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +54,7 @@ def write_prompts(cluster: Cluster, writer: PromptWriter, cfg: PromptConfig
   Returns:
     (prompts, number rejected as too similar to an exemplar caption).
   """
-  rng = np.random.default_rng(interfaces.stable_seed(cfg.seed, "prompts", cluster.key))
+  rng = np.random.default_rng(counters.stable_seed(cfg.seed, "prompts", cluster.key))
   captions = [m.caption for m in cluster.members]
   prompts, rejected = [], 0
   for j in range(cfg.prompts_per_cluster):
@@ -95,11 +83,11 @@ class _WriteFn(beam.DoFn):
   def process(self, cluster: Cluster):
     prompts, rejected = write_prompts(cluster, self._writer, self._cfg)
     if rejected:
-      interfaces.count("drop/prompt_too_similar", rejected)
+      counters.count("drop/prompt_too_similar", rejected)
     if not prompts:
-      interfaces.count("drop/no_prompts")
+      counters.count("drop/no_prompts")
       return
-    interfaces.count("prompt_writer/prompts", len(prompts))
+    counters.count("prompt_writer/prompts", len(prompts))
     yield RenderTask(cluster, tuple(prompts))
 
 

@@ -16,10 +16,10 @@ from typing import Iterator, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import WebRecord
+from data_pipeline import counters
 from suti_jax.data import images
 from suti_jax.data import records
+from suti_jax.data.pipeline_interfaces import WebRecord
 from suti_jax.data.synthetic import WebPair
 
 FORMATS = ("jsonl", "tfrecord", "dreambench")
@@ -69,17 +69,22 @@ def _valid_url(url: str) -> bool:
   return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+def _image_drop_reason(error: images.ImageError) -> str:
+  # A count of its own: bombs are hostile input, not the usual broken download.
+  return "image_too_large" if isinstance(error, images.PixelBudgetError) else "undecodable_image"
+
+
 def _check(example_id: str, url: str, caption: str, image: bytes, true_subject_id: str):
   """Yields the WebRecord, or a dead letter saying what is wrong with it."""
   if not _valid_url(url):
-    yield interfaces.dead_letter(_STAGE, "invalid_url", example_id, url)
+    yield counters.dead_letter(_STAGE, "invalid_url", example_id, url)
     return
   try:
     images.decode_array(image)
   except images.ImageError as e:
-    yield interfaces.dead_letter(_STAGE, "undecodable_image", example_id, url, e.problem)
+    yield counters.dead_letter(_STAGE, _image_drop_reason(e), example_id, url, e.problem)
     return
-  interfaces.count("read/records")
+  counters.count("read/records")
   yield WebRecord(example_id, url, caption, image, true_subject_id)
 
 
@@ -99,7 +104,7 @@ class _ParseJsonl(beam.DoFn):
       row = json.loads(line)
       url, caption, image_path = row["url"], row["caption"], row["image_path"]
     except (json.JSONDecodeError, TypeError, KeyError) as e:
-      yield interfaces.dead_letter(_STAGE, "invalid_json", source, "", repr(e))
+      yield counters.dead_letter(_STAGE, "invalid_json", source, "", repr(e))
       return
     example_id = str(row.get("id") or source)
     path = image_path if "://" in image_path or image_path.startswith("/") else (
@@ -108,7 +113,7 @@ class _ParseJsonl(beam.DoFn):
       with FileSystems.open(path) as f:
         image = f.read()
     except (OSError, IOError) as e:
-      yield interfaces.dead_letter(_STAGE, "missing_image", example_id, url, repr(e))
+      yield counters.dead_letter(_STAGE, "missing_image", example_id, url, repr(e))
       return
     yield from _check(example_id, url, str(caption), image, str(row.get("true_subject_id", "")))
 
@@ -120,8 +125,9 @@ class _ParseCaptionExample(beam.DoFn):
     try:
       example = records.parse_caption_example(serialized)
     except records.RecordError as e:
-      reason = "undecodable_image" if e.field == "image" else "invalid_record"
-      yield interfaces.dead_letter(_STAGE, reason, "", "", str(e))
+      reason = (_image_drop_reason(e.__cause__) if isinstance(e.__cause__, images.ImageError)
+                else "invalid_record")
+      yield counters.dead_letter(_STAGE, reason, "", "", str(e))
       return
     yield from _check(example.example_id or example.url, example.url, example.caption,
                       example.image, "")
@@ -153,7 +159,7 @@ class ReadWebPairs(beam.PTransform):
     else:
       raw = pbegin | "TFRecords" >> beam.io.ReadFromTFRecord(self._pattern)
       parse = beam.ParDo(_ParseCaptionExample())
-    return raw | "Parse" >> parse.with_outputs(interfaces.DEAD_LETTER, main="records")
+    return raw | "Parse" >> parse.with_outputs(counters.DEAD_LETTER, main="records")
 
 
 def write_jsonl_input(pairs: Sequence[WebPair], folder: str) -> str:

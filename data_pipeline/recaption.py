@@ -9,9 +9,9 @@ import dataclasses
 
 import apache_beam as beam
 
-from data_pipeline import interfaces
-from data_pipeline.interfaces import Captioner, Cluster
+from data_pipeline import counters
 from suti_jax.data import images
+from suti_jax.data.pipeline_interfaces import Captioner, Cluster
 
 
 class KeepCaption(Captioner):
@@ -37,7 +37,7 @@ class _RecaptionFn(beam.DoFn):
       image = images.decode_array(m.image) if self._captioner.needs_image else None
       caption = self._captioner.caption(image, m.caption)
       if caption != m.caption:
-        interfaces.count("recaption/changed")
+        counters.count("recaption/changed")
       members.append(dataclasses.replace(m, caption=caption))
     yield dataclasses.replace(cluster, members=tuple(members))
 

@@ -1,25 +1,24 @@
 """Stage 8: score targets for subject and text fidelity, keep the good ones as ICL groups.
 
 Scorers are pluggable by spec: subject 'embedding' (default) or 'judge:<path>'; text
-'constant' (default, 1.0) or 'judge:<path>' (suti_jax.experts.judges, loaded lazily).
+'constant' (default, 1.0) or 'judge:<path>' (suti_jax.experts.judges, loaded once per worker).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import apache_beam as beam
 import numpy as np
 
-from data_pipeline import interfaces
+from data_pipeline import counters
 from data_pipeline.cluster_filter import ColourEmbedder, decode_members
-from data_pipeline.interfaces import Candidate, ImageEmbedder, SubjectScorer, TextScorer
 from suti_jax.data import images
 from suti_jax.data import records
+from suti_jax.data.pipeline_interfaces import Candidate, ImageEmbedder, SubjectScorer, TextScorer
+from suti_jax.experts import judges
 
 PIPELINE_VERSION = "data_pipeline/1"
-_JUDGES_MODULE = "suti_jax.experts.judges"
 
 
 class EmbeddingSubjectScorer(SubjectScorer):
@@ -48,19 +47,15 @@ class ConstantTextScorer(TextScorer):
 
 
 class _Loaded:
-  """Adapts any object with `score(...)` (e.g. a judge) and loads it in setup."""
+  """Adapts a judge class (`load(path)`, `score(...)`) and loads it in setup."""
 
-  def __init__(self, class_name: str, path: str):
-    self._class_name = class_name
+  def __init__(self, judge_cls: type, path: str):
+    self._judge_cls = judge_cls
     self._path = path
     self._judge = None
 
   def setup(self):
-    try:
-      module = importlib.import_module(_JUDGES_MODULE)
-    except ImportError as e:
-      raise ImportError(f"a 'judge:' scorer needs {_JUDGES_MODULE} ({e!r})") from e
-    self._judge = getattr(module, self._class_name).load(self._path)
+    self._judge = self._judge_cls.load(self._path)
 
   def score(self, image, condition) -> float:
     return float(self._judge.score(image, condition))
@@ -77,7 +72,8 @@ def make_scorer(kind: str, spec: str):
     An object with `setup()` and `score(image, exemplars_or_prompt) -> float`.
   """
   if spec.startswith("judge:"):
-    return _Loaded("SubjectJudge" if kind == "subject" else "TextJudge", spec[len("judge:"):])
+    judge_cls = judges.SubjectJudge if kind == "subject" else judges.TextJudge
+    return _Loaded(judge_cls, spec[len("judge:"):])
   if kind == "subject" and spec == "embedding":
     return EmbeddingSubjectScorer()
   if kind == "text" and spec == "constant":
@@ -116,24 +112,24 @@ class _ScoreFn(beam.DoFn):
     chosen = [i for i in range(len(cluster.members)) if i != target.excluded_member]
     chosen = chosen[:self._cfg.max_exemplars]
     if not chosen:
-      interfaces.count("drop/no_exemplars")
+      counters.count("drop/no_exemplars")
       return
     exemplars = [cluster.members[i] for i in chosen]
     pixels = decode_members(dataclasses.replace(cluster, members=tuple(exemplars)))
     subject = self._subject.score(target.image, pixels)
     text = self._text.score(target.image, target.prompt)
     if subject < self._cfg.min_subject_score:
-      interfaces.count("drop/low_subject_fidelity")
+      counters.count("drop/low_subject_fidelity")
       return
     if text < self._cfg.min_text_score:
-      interfaces.count("drop/low_text_fidelity")
+      counters.count("drop/low_text_fidelity")
       return
-    interfaces.count("score_filter/groups")
+    counters.count("score_filter/groups")
     urls = [m.url for m in exemplars]
     if target.excluded_member >= 0:
       urls.append(cluster.members[target.excluded_member].url)
     yield records.ICLGroup(
-        group_id=f"{interfaces.stable_seed(cluster.key):016x}-{candidate.index:03d}",
+        group_id=f"{counters.stable_seed(cluster.key):016x}-{candidate.index:03d}",
         subject_id=cluster.key, skill=target.skill,
         exemplar_images=[m.image for m in exemplars],
         exemplar_captions=[m.caption for m in exemplars],

@@ -15,7 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 import tensorflow as tf
 
-from data_pipeline import interfaces
+from data_pipeline import counters as counters_lib  # `counters` is the function below.
 from suti_jax.data import records
 
 
@@ -32,7 +32,7 @@ def _write_shard(element, paths: list[str]) -> int:
       # `serialize_icl_group` encodes deterministically, so re-runs are
       # byte-identical on any worker.
       writer.write(record)
-  interfaces.count("write/groups", len(serialized))
+  counters_lib.count("write/groups", len(serialized))
   return len(serialized)
 
 
@@ -78,7 +78,7 @@ class WriteSortedJsonl(beam.PTransform):
 
 def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
   """The pipeline's counters by name (committed values where the runner has them)."""
-  found = result.metrics().query(MetricsFilter().with_namespace(interfaces.NAMESPACE))
+  found = result.metrics().query(MetricsFilter().with_namespace(counters_lib.NAMESPACE))
   out: dict[str, int] = {}
   for c in found["counters"]:
     value = c.committed if c.committed is not None else c.attempted

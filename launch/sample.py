@@ -3,6 +3,7 @@
   python -m launch.sample --checkpoint=/tmp/b64,/tmp/sr256 --prompts="a cat;a dog" \
       --num_samples=4 --output=grid.png
   python -m launch.sample --config=configs/suti_base64.py:tiny --random_init \
+      --config.sampling.num_steps=8 \
       --exemplars="subject/*.png" --exemplar_captions="a toy;a toy on a bed" \
       --prompts="a toy on the beach" --output=grid.png --output_dir=samples/
 Exemplar captions may also come from a captions.txt (one per image, sorted by
@@ -22,13 +23,13 @@ from absl import flags
 from absl import logging
 from einops import rearrange
 
+from launch import cascade_flags
 from suti_jax import inference
-from suti_jax.train import experiment
+from suti_jax.data import images as images_lib
 
 _CHECKPOINT = flags.DEFINE_multi_string(
     "checkpoint", [], "Stage checkpoint dirs or workdirs, base then SR (repeat or comma list).")
-_CONFIG = flags.DEFINE_multi_string(
-    "config", [], "With --random_init: stage configs 'configs/x.py:arg', base then SR.")
+_CONFIGS = cascade_flags.define_stage_config_flags("With --random_init")
 _RANDOM_INIT = flags.DEFINE_boolean(
     "random_init", False, "Sample from randomly initialised weights (demos, tests).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default latest).")
@@ -62,12 +63,12 @@ def _stages() -> list[inference.StageModel]:
     raise app.UsageError("give --checkpoint, or --config with --random_init (exactly one)")
   if _CHECKPOINT.value:
     return [inference.load_stage(path, step=_STEP.value) for path in _split(_CHECKPOINT.value)]
-  if not _CONFIG.value:
+  sections = cascade_flags.stage_sections(_CONFIGS)
+  if not sections:
     raise app.UsageError("--random_init needs --config")
   key = jax.random.PRNGKey(_SEED.value)
-  return [inference.random_stage(experiment.sections(inference.config_from_spec(spec)),
-                                 jax.random.fold_in(key, i))
-          for i, spec in enumerate(_split(_CONFIG.value))]
+  return [inference.random_stage(sec, jax.random.fold_in(key, i))
+          for i, sec in enumerate(sections)]
 
 
 def _prompts() -> list[str]:
@@ -89,6 +90,9 @@ def read_exemplars(pattern: str, captions: str | None) -> tuple[list[np.ndarray]
 
   Returns:
     (uint8 [H, W, 3] images, captions).
+
+  Raises:
+    images_lib.ImageError: naming an exemplar that is undecodable or over the pixel budget.
   """
   paths = sorted(glob.glob(os.path.join(pattern, "*") if os.path.isdir(pattern) else pattern))
   paths = [p for p in paths if p.lower().endswith(IMAGE_SUFFIXES)]
@@ -104,8 +108,7 @@ def read_exemplars(pattern: str, captions: str | None) -> tuple[list[np.ndarray]
     texts = [c.strip() for c in captions.split(";")]
   if len(texts) != len(paths):
     raise app.UsageError(f"{len(paths)} exemplar images but {len(texts)} captions")
-  images = [np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths]
-  return images, texts
+  return [images_lib.read_image(p) for p in paths], texts
 
 
 def grid(samples: np.ndarray, columns: int) -> np.ndarray:
@@ -121,14 +124,13 @@ def main(argv: list[str]) -> None:
   key = jax.random.PRNGKey(_SEED.value)
   if _EXEMPLARS.value:
     images, captions = read_exemplars(_EXEMPLARS.value, _EXEMPLAR_CAPTIONS.value)
-    samples = np.concatenate([
-        pipeline.personalize(images, captions, prompt, _NUM_SAMPLES.value,
-                             jax.random.fold_in(key, i), guidance=_GUIDANCE.value,
-                             guidance_scale=_GUIDANCE_SCALE.value,
-                             text_guidance_scale=_TEXT_SCALE.value,
-                             exemplar_guidance_scale=_EXEMPLAR_SCALE.value,
-                             num_steps=_STEPS.value)
-        for i, prompt in enumerate(prompts)])
+    # Every prompt of the subject in one batched call (exemplars encoded once).
+    samples = pipeline.personalize(images, captions, prompts, _NUM_SAMPLES.value, key,
+                                   guidance=_GUIDANCE.value,
+                                   guidance_scale=_GUIDANCE_SCALE.value,
+                                   text_guidance_scale=_TEXT_SCALE.value,
+                                   exemplar_guidance_scale=_EXEMPLAR_SCALE.value,
+                                   num_steps=_STEPS.value)
   else:
     samples = pipeline.text_to_image(prompts, _NUM_SAMPLES.value, key, num_steps=_STEPS.value,
                                      guidance_scale=_GUIDANCE_SCALE.value)

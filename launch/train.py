@@ -5,82 +5,24 @@
   python -m launch.train --config=configs/suti_base64.py --workdir=gs://b/suti \
       --config.init_from=gs://b/imagen64/checkpoints --multihost     # every TPU VM worker
 
-Gin: `--gin_file`/`--gin_bindings` set the same knobs as `--config.*`. Each
-config section is a gin configurable of the same name, and its bindings become
-overrides: `train.total_steps = 5` -> config.train.total_steps,
-`model.exemplar = {'max_exemplars': 3}` -> config.model.exemplar.max_exemplars,
-and top-level keys go through `config`: `config.init_from = '/ckpt'`. Gin
-overrides apply after `--config.*` flags and are checked like them (unknown key
-or wrong type -> error naming the key). A preemption saves, then exits with 0.
+Gin: `--gin_file`/`--gin_bindings` set the same knobs as `--config.*`
+(`suti_jax/gin_bindings.py`: `train.total_steps = 5` -> config.train.total_steps).
+Gin overrides apply after `--config.*` flags and are checked like them (unknown
+key or wrong type -> error naming the key). A preemption saves, then exits with 0.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
-import gin
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from suti_jax import config as config_lib
-
-# Gin configurable names; each returns its bindings as an overrides dict.
-GIN_SECTIONS = ("config", "model", "text", "diffusion", "sampling", "optimizer", "mesh",
-                "data", "train")
-
-
-def _overrides(**kwargs: Any) -> dict[str, Any]:
-  return kwargs
-
-
-# Import-time registration (the only module-level state): one configurable per
-# section, so gin rejects nothing and we check every key against the config.
-for _name in GIN_SECTIONS:
-  gin.external_configurable(_overrides, name=_name)
-
-
-def _apply(config: ml_collections.ConfigDict, path: str, values: Mapping[str, Any]) -> None:
-  """Sets `values` under `config`, refusing unknown keys and type changes."""
-  for key, value in values.items():
-    where = f"{path}.{key}"
-    if key not in config:
-      raise KeyError(f"gin binding {config_lib.unknown_key_message(where, config.keys())}")
-    if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, Mapping):
-      _apply(config[key], where, value)
-      continue
-    try:
-      config[key] = value
-    except (TypeError, ValueError) as e:
-      raise TypeError(f"gin binding {where}={value!r}: {e}") from e
-
-
-def apply_gin(config: ml_collections.ConfigDict, gin_files: Sequence[str],
-              gin_bindings: Sequence[str]) -> ml_collections.ConfigDict:
-  """Parses gin files/bindings and applies them as config overrides.
-
-  Args:
-    config: the (locked) config; changed in place.
-    gin_files: gin files.
-    gin_bindings: binding strings.
-
-  Returns:
-    `config`.
-  """
-  if not gin_files and not gin_bindings:
-    return config
-  gin.clear_config()  # This launcher owns gin: only these files/bindings count.
-  gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
-  for name in GIN_SECTIONS:
-    values = gin.get_configurable(name)()
-    if name == "config":
-      _apply(config, "config", values)
-    else:
-      _apply(config[name], f"config.{name}", values)
-  return config
-
+from suti_jax.gin_bindings import apply_gin
 
 def define_flags() -> None:
   """The launcher's flags (defined only when run as a program, so that tests can
@@ -160,14 +102,22 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that flag parsing (and its tests) need no jax backend.
+  from suti_jax import compile_cache
   from suti_jax.parallel import distributed
+  from suti_jax.train import checkpoint as checkpoint_lib
   from suti_jax.train import loop
 
   f = flags.FLAGS
   distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
                          multihost=f.multihost)
+  # A resumed or restarted run loads its programs instead of compiling them again.
+  compile_cache.enable(os.path.join(f.workdir, "jax_cache"))
   config = apply_gin(f.config, f.gin_file, f.gin_bindings)
-  result = loop.run(config, f.workdir)
+  try:
+    result = loop.run(config, f.workdir)
+  except (config_lib.ConfigError, checkpoint_lib.CheckpointError) as e:
+    # The message says what to change; a traceback would only bury it.
+    sys.exit(f"FATAL {type(e).__name__}: {e}")
   if result.get("preempted"):
     logging.warning("preempted at step %d; checkpoint saved, exiting cleanly",
                     int(result["step"]))

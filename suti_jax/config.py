@@ -1,9 +1,10 @@
 """Typed, frozen views of the config sections that library code receives.
 
-`configs/*.py` return plain `ml_collections.ConfigDict`s; `launch/` turns each
-section into one of these dataclasses with `section(cls, cfg.x)`, which rejects
-unknown keys and wrong types with a message naming the field. Library code
-never sees a ConfigDict.
+`configs/*.py` return `ml_collections.ConfigDict`s, converted once per run by
+`train.experiment.sections` (`section(cls, cfg.x)` rejects unknown keys and wrong
+types, naming the field). Only launch/, the demo, `gin_bindings` and
+`train.loop.run(config, workdir)` handle a ConfigDict; modules below take these
+dataclasses, and checkpoints' saved configs are read back into them from JSON.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class DiffusionConfig:
   Attributes:
     schedule: 'cosine', 'linear' (log-SNR linear in t) or 'linear_beta'
       (Imagen's continuous linear-beta) log-SNR schedule.
-    prediction: 'eps' or 'v'.
+    prediction: 'eps', 'v' or 'x0' (what the UNet outputs).
     loss_weighting: 'none' or 'min_snr'.
     text_drop_prob / exemplar_drop_prob / both_drop_prob: condition dropout
       probabilities for classifier-free guidance (disjoint events).
@@ -215,7 +216,8 @@ class DataConfig:
   Attributes:
     kind: 'synthetic' (made on the fly), 'caption_tfrecord' or 'icl_tfrecord'.
     pattern: glob of TFRecord files for the tfrecord kinds.
-    corrupt_policy: 'fail' or 'skip' (skipped records are counted).
+    corrupt_policy: 'fail' or 'skip' (skipped records are logged and counted
+      in the scalar data/skipped_records).
     cache: read, decode and tokenise the source once and batch from host memory
       (`suti_jax.data.cached`): for data sets that fit in RAM, such as the demo's.
   """
@@ -231,7 +233,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training loop."""
+  """The training loop.
+
+  Attributes:
+    restore_step: resume from this saved step instead of the latest (0), e.g.
+      when the latest is damaged; the later steps are moved to
+      `<workdir>/discarded_checkpoints/`.
+  """
 
   batch_size: int = 2048
   total_steps: int = 2_500_000
@@ -241,6 +249,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   sample_every_steps: int = 0
   peak_flops_per_device: float = 0.0
+  restore_step: int = 0
 
 
 # Every section is frozen and hashable: register them as static pytree nodes so

@@ -19,3 +19,16 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 assert jax.device_count() == 8, "tests expect 8 virtual CPU devices"
+
+
+def pytest_terminal_summary(terminalreporter):
+  """One line naming the DreamBench tests skipped for lack of data, and the fix."""
+  skipped = [r for r in terminalreporter.stats.get("skipped", [])
+             if isinstance(r.longrepr, tuple) and "DreamBench" in r.longrepr[2]
+             and "not found" in r.longrepr[2]]
+  if skipped:
+    where = skipped[0].longrepr[2].split(" at ", 1)[-1]
+    terminalreporter.write_line(
+        f"{len(skipped)} DreamBench tests skipped: no manifest.json at {where}; set "
+        "SUTI_DREAMBENCH_DIR=/path/to/dreambench (the folder with manifest.json) to run them.",
+        yellow=True)

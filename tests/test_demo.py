@@ -197,10 +197,10 @@ def test_heldout_subjects_are_disjoint_and_have_ground_truth():
 @pytest.mark.slow
 def test_demo_small_end_to_end_then_skips(tmp_path):
   from configs import demo as demo_config
-  from suti_jax import demo
+  from launch.demo import recipe
 
   workdir, report_dir = str(tmp_path / "wd"), str(tmp_path / "report")
-  markers = demo.run(demo_config.get_config("small"), workdir, report_dir)
+  markers = recipe.run(demo_config.get_config("small"), workdir, report_dir)
   assert not any(m["skipped"] for m in markers.values())
   text = open(os.path.join(report_dir, "REPORT.md")).read()
   metrics = json.load(open(os.path.join(report_dir, "metrics.json")))
@@ -212,10 +212,16 @@ def test_demo_small_end_to_end_then_skips(tmp_path):
   assert metrics["methods"]["ground_truth"]["pixel_mse"] == 0.0
   assert {"suti_v2", "suti_v1", "dreambooth"} <= set(metrics["personalization_s"])
   assert "subject_pair_accuracy" in metrics["judges"]
+  # Four saved points per SuTI model, and an interval around every mean.
+  assert [len(metrics["learning_curve"][v]) for v in ("v2", "v1")] == [4, 4]
+  for method, intervals in metrics["intervals"].items():
+    for metric, (low, high) in intervals.items():
+      assert low <= metrics["methods"][method][metric] + 1e-9 <= high + 2e-9, (method, metric)
+  assert "## Targets" in text and "## Learning curve" in text
   assert metrics["data"]["ICL v2"]["groups_written"] > 0
   assert os.path.exists(os.path.join(report_dir, metrics["grids"][0]["path"]))
 
   start = time.time()
-  again = demo.run(demo_config.get_config("small"), workdir, report_dir)
+  again = recipe.run(demo_config.get_config("small"), workdir, report_dir)
   assert all(m["skipped"] for m in again.values())
   assert time.time() - start < 60

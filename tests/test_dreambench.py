@@ -15,7 +15,8 @@ from suti_jax.eval import dreambench
 from suti_jax.eval import metrics
 from suti_jax.eval import report
 
-# CI lays shared/ beside the clone, as in the development checkout.
+# The data is looked for in shared/ beside the clone (CI's layout);
+# SUTI_DREAMBENCH_DIR points elsewhere.
 DATA = pathlib.Path(os.environ.get(
     "SUTI_DREAMBENCH_DIR",
     pathlib.Path(__file__).resolve().parents[2] / "shared" / "dreambench"))

@@ -10,8 +10,8 @@ import PIL.Image
 import pytest
 
 from configs import imagen_base64
-from data_pipeline import interfaces
 from suti_jax import config as config_lib
+from suti_jax.data import pipeline_interfaces
 from suti_jax.data import synthetic
 from suti_jax.experts import dreambooth
 from suti_jax.experts import renderer as renderer_lib
@@ -129,20 +129,20 @@ def _png(image: np.ndarray) -> bytes:
 @pytest.mark.slow  # several expert fine-tunes
 def test_expert_target_renderer_renders_every_prompt(world):
   images, noun = world["subjects"][0]
-  members = tuple(interfaces.WebRecord(f"id{i}", f"http://shop/{i}", "cap", _png(x))
+  members = tuple(pipeline_interfaces.WebRecord(f"id{i}", f"http://shop/{i}", "cap", _png(x))
                   for i, x in enumerate(images))
-  cluster = interfaces.Cluster("shop", members, description=f"red and blue {noun}")
+  cluster = pipeline_interfaces.Cluster("shop", members, description=f"red and blue {noun}")
   # As many prompts as class images, and the same sampler settings: the compiled
   # sampler of the fixture is reused.
-  prompts = [interfaces.PromptSpec("stylization", f"a photo of the red and blue {noun} in sepia"),
-             interfaces.PromptSpec("novel_view", f"red and blue {noun} upside down"),
-             interfaces.PromptSpec("accessorization", f"a red and blue {noun} wearing a hat"),
-             interfaces.PromptSpec("recontextualization", f"the red and blue {noun} at night")]
+  prompts = [pipeline_interfaces.PromptSpec("stylization", f"a photo of the red and blue {noun} in sepia"),
+             pipeline_interfaces.PromptSpec("novel_view", f"red and blue {noun} upside down"),
+             pipeline_interfaces.PromptSpec("accessorization", f"a red and blue {noun} wearing a hat"),
+             pipeline_interfaces.PromptSpec("recontextualization", f"the red and blue {noun} at night")]
   base = renderer_lib.BaseModel(
       world["params"], world["encoder"], world["unet_cfg"], world["diffusion_cfg"],
       config_lib.SamplingConfig(num_steps=_CFG.class_sampling_steps,
                                 guidance_scale=_CFG.class_guidance_scale))
-  renderer = renderer_lib.make_target_renderer(
+  renderer = renderer_lib.ExpertTargetRenderer(
       base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2))
   renderer.setup()
   targets = renderer.render_targets(cluster, prompts, seed=7)

@@ -86,7 +86,8 @@ def test_export_with_mismatched_config_fails_clearly(saved_checkpoint, tmp_path)
   workdir, _, _ = saved_checkpoint
   with pytest.raises(serving.ConfigMismatchError,
                      match=r"model.base_channels: checkpoint 8 != config 32"):
-    serving.export_cascade([workdir], [suti_base64.get_config("tiny")], str(tmp_path / "out"))
+    serving.export_cascade([workdir], [experiment.sections(suti_base64.get_config("tiny"))],
+                           str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
 
 
@@ -122,7 +123,8 @@ def exported(tmp_path_factory):
   config = _suti_config(total_steps=2, checkpoint_every_steps=2)
   loop.run(config, workdir, input_source=tl.icl_source())
   out = str(tmp_path_factory.mktemp("export"))
-  card = serving.export_cascade([workdir], [config], out, num_steps=3, dtype="float32")
+  card = serving.export_cascade([workdir], [experiment.sections(config)], out, num_steps=3,
+                                dtype="float32")
   reference = inference.Pipeline([inference.load_stage(workdir).with_sampling(num_steps=3)])
   return workdir, out, card, reference
 
@@ -182,7 +184,7 @@ def test_serve_example_serves_a_request_directory(exported, tmp_path):
 
 @pytest.mark.slow
 def test_launch_train_then_launch_export_tiny(tmp_path):
-  """The issue's done-criterion: launch/train.py's checkpoint -> launch/export.py."""
+  """End to end through the CLIs: launch/train.py's checkpoint -> launch/export.py."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
   config = "configs/imagen_base64.py:tiny"
   workdir, out = str(tmp_path / "wd"), str(tmp_path / "export")

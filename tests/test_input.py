@@ -1,6 +1,9 @@
 """Tests for suti_jax.data.input/sources: batches, sharding, determinism, resume, corruption."""
 
 import json
+import logging
+import os
+import struct
 
 import numpy as np
 import pytest
@@ -205,3 +208,58 @@ def test_corrupt_record_fails_or_is_skipped(tmp_path, field, record):
   assert len(batches) == 4 and skipping.num_skipped == 1
   assert skipping.get_state()["num_skipped"] == 1
   assert sorted(_prompts(batches)) == sorted(f"g{i}" for i in range(16))
+
+
+def _record_offsets(path):
+  """Byte offsets of a TFRecord file's records (u64 length, u32 CRC, data, u32 CRC)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  offsets, offset = [], 0
+  while offset < len(data):
+    offsets.append(offset)
+    offset += struct.unpack("<Q", data[offset:offset + 8])[0] + 16
+  return offsets
+
+
+def test_bad_record_mid_file_counts_every_record_the_reader_loses(tmp_path, caplog):
+  """The reader stops at a bad CRC: the bad record and the 5 intact ones after it
+  are lost, all 6 counted (by the file's framing), and the file is named."""
+  paths, pattern = _write(tmp_path, num_shards=2)
+  offsets = _record_offsets(paths[1])
+  assert len(offsets) == 8
+  with open(paths[1], "r+b") as f:
+    f.seek(offsets[2] + 12 + 5)  # A data byte of record 2: its CRC fails.
+    byte = f.read(1)
+    f.seek(offsets[2] + 12 + 5)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  skipping = _input(pattern, corrupt_policy="skip", shuffle_buffer=1, batch_size=2,
+                    num_epochs=1)
+  with caplog.at_level(logging.WARNING):
+    batches = list(skipping)
+  assert skipping.num_skipped == 6 and len(batches) == 5
+  assert skipping.stats() == {"data/skipped_records": 6.0, "data/damaged_files": 1.0}
+  assert (f"{paths[1]}: unreadable from record 2 (byte {offsets[2]} of "
+          f"{os.path.getsize(paths[1])}): 2 records read, 6 lost (the rest of the file is "
+          "intact") in caplog.text
+  assert "records in epoch 0 (6 in all)" in caplog.text
+  # Shard 1 holds g1, g3, ... (round robin): g1 and g3 were read before the damage.
+  assert sorted(_prompts(batches)) == sorted([f"g{i}" for i in range(0, 16, 2)] + ["g1", "g3"])
+
+
+def test_halved_file_is_logged_as_cut_short_and_counted(tmp_path, caplog):
+  """A file cut in half: records in the missing bytes cannot be counted, so the
+  cut record counts as lost, the file as damaged, and the log says so."""
+  paths, pattern = _write(tmp_path, num_shards=2)
+  offsets = _record_offsets(paths[1])
+  size = os.path.getsize(paths[1])
+  os.truncate(paths[1], size // 2)
+  read = sum(1 for o in offsets[1:] if o <= size // 2)  # Whole records left.
+  skipping = _input(pattern, corrupt_policy="skip", shuffle_buffer=1, batch_size=1,
+                    num_epochs=1)
+  with caplog.at_level(logging.WARNING):
+    batches = list(skipping)
+  assert skipping.stats() == {"data/skipped_records": 1.0, "data/damaged_files": 1.0}
+  assert len(_prompts(batches)) == 8 + read
+  assert f"{paths[1]}: unreadable from record {read} " in caplog.text
+  assert f"{read} records read, 1 lost at least: the file is cut short" in caplog.text
+  assert skipping.get_state()["num_skipped"] == 1

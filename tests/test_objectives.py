@@ -43,13 +43,14 @@ def test_round_trips():
   x0_v, eps_v = objectives.x0_eps_from_v(x_t, v, log_snr)
   np.testing.assert_allclose(x0_v, x0, atol=1e-5)
   np.testing.assert_allclose(eps_v, eps, atol=1e-5)
-  for prediction in ("eps", "v"):
+  for prediction in ("eps", "v", "x0"):
     target = objectives.prediction_target(x0, eps, log_snr, prediction)
     x0_p, eps_p = objectives.to_x0_eps(target, x_t, log_snr, prediction)
     np.testing.assert_allclose(x0_p, x0, atol=1e-5)
-    np.testing.assert_allclose(eps_p, eps, atol=1e-5)
+    np.testing.assert_allclose(eps_p, eps, atol=1e-4)
+  np.testing.assert_array_equal(objectives.prediction_target(x0, eps, log_snr, "x0"), x0)
   with pytest.raises(ValueError, match="known"):
-    objectives.to_x0_eps(eps, x_t, log_snr, "x0")
+    objectives.to_x0_eps(eps, x_t, log_snr, "score")
 
 
 def test_min_snr_weights_at_known_snrs():
@@ -63,13 +64,32 @@ def test_min_snr_weights_at_known_snrs():
       [1 / 2, 5 / 6, 5 / 21], rtol=1e-5)
   np.testing.assert_array_equal(
       objectives.loss_weight(log_snr, "v", "none"), [1.0, 1.0, 1.0])
-  extreme = objectives.loss_weight(jnp.array([-20.0, 20.0]), "v", "min_snr")
-  assert np.all(np.isfinite(extreme))
+  np.testing.assert_allclose(
+      objectives.loss_weight(log_snr, "x0", "min_snr", gamma), [1.0, 5.0, 5.0], rtol=1e-5)
+  for prediction in ("eps", "v", "x0"):
+    extreme = objectives.loss_weight(jnp.array([-20.0, 20.0]), prediction, "min_snr")
+    assert np.all(np.isfinite(extreme))
   with pytest.raises(ValueError, match="known"):
     objectives.loss_weight(log_snr, "eps", "p2")
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_is_one_x0_space_weight_for_every_prediction():
+  """Each target's weighted error is min(SNR, gamma) times the implied x0 error."""
+  x0, eps, log_snr = _tensors()
+  x_t = objectives.q_sample(x0, eps, log_snr)
+  x0_hat = x0 + 0.1 * jax.random.normal(jax.random.PRNGKey(9), SHAPE)
+  eps_hat = objectives.eps_from_x0(x_t, x0_hat, log_snr)
+  x0_error = jnp.mean(jnp.square(x0_hat - x0).reshape(SHAPE[0], -1), axis=1)
+  want = jnp.minimum(jnp.exp(log_snr), 5.0) * x0_error
+  for prediction in ("eps", "v", "x0"):
+    target = objectives.prediction_target(x0, eps, log_snr, prediction)
+    pred = objectives.prediction_target(x0_hat, eps_hat, log_snr, prediction)
+    mse = jnp.mean(jnp.square(pred - target).reshape(SHAPE[0], -1), axis=1)
+    weighted = objectives.loss_weight(log_snr, prediction, "min_snr", 5.0) * mse
+    np.testing.assert_allclose(weighted, want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_denoising_loss_oracle_is_zero_and_wrong_model_is_not(prediction):
   cfg = DiffusionConfig(prediction=prediction, loss_weighting="min_snr")
   sched = Schedule("cosine")

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline import cluster, cluster_filter, consolidate, expert_render, interfaces
+from data_pipeline import cluster, cluster_filter, consolidate, expert_render
 from data_pipeline import prompt_writer, read, recaption, score_filter, write
-from data_pipeline.interfaces import Cluster, PromptSpec, RenderTask, WebRecord
+from suti_jax.data import captions
+from suti_jax.data import pipeline_interfaces
 from suti_jax.data import records
+from suti_jax.data.pipeline_interfaces import Cluster, PromptSpec, RenderTask, WebRecord
 from suti_jax.data import synthetic as sy
 
 
@@ -128,7 +130,7 @@ def test_cluster_filter_keeps_one_subject_drops_mixes_and_outliers():
   assert counts["drop/cluster_low_similarity"] == counts["drop/cluster_too_small"] == 1
 
 
-class _UpperCaptioner(interfaces.Captioner):
+class _UpperCaptioner(pipeline_interfaces.Captioner):
 
   def caption(self, image, source_caption):
     assert image.shape == (16, 16, 3)
@@ -160,7 +162,7 @@ def test_recaption_and_consolidate():
   assert _run(build_consolidate)["drop/no_description"] == 1
 
 
-class _CopyWriter(interfaces.PromptWriter):
+class _CopyWriter(pipeline_interfaces.PromptWriter):
   """Returns an exemplar caption every other call: those must be rejected."""
 
   def __init__(self):
@@ -180,8 +182,8 @@ def test_prompt_writer_rejects_prompts_like_the_captions():
   for p in prompts:
     assert "red and blue toy" in p.prompt
     assert sy.parse_prompt(p.prompt).skills == (p.skill,)
-  assert prompt_writer.caption_similarity("a toy on a beach", "the toy on the beach", "toy") == 1.0
-  assert prompt_writer.caption_similarity("a toy rotated", "a toy on a beach", "toy") == 0.0
+  assert captions.caption_similarity("a toy on a beach", "the toy on the beach", "toy") == 1.0
+  assert captions.caption_similarity("a toy rotated", "a toy on a beach", "toy") == 0.0
 
   def build(p):
     out = p | beam.Create([c]) | prompt_writer.WritePrompts(
@@ -239,10 +241,10 @@ def test_score_filter_drops_low_fidelity_targets():
   exemplars = cluster_filter.decode_members(c)
   assert scorer.score(good, exemplars) > scorer.score(other, exemplars)
   candidates = [
-      interfaces.Candidate(c, interfaces.Target("recontextualization", "toy on a beach", good), 0, "x"),
-      interfaces.Candidate(c, interfaces.Target("recontextualization", "toy at night", good), 1, "x"),
-      interfaces.Candidate(c, interfaces.Target("stylization", "toy on a beach", other), 2, "x"),
-      interfaces.Candidate(c, interfaces.Target("same_cluster", "toy on a beach", good, 0), 3, "x")]
+      pipeline_interfaces.Candidate(c, pipeline_interfaces.Target("recontextualization", "toy on a beach", good), 0, "x"),
+      pipeline_interfaces.Candidate(c, pipeline_interfaces.Target("recontextualization", "toy at night", good), 1, "x"),
+      pipeline_interfaces.Candidate(c, pipeline_interfaces.Target("stylization", "toy on a beach", other), 2, "x"),
+      pipeline_interfaces.Candidate(c, pipeline_interfaces.Target("same_cluster", "toy on a beach", good, 0), 3, "x")]
   cfg = score_filter.ScoreConfig(min_subject_score=0.6, max_exemplars=2)
 
   def build(p):

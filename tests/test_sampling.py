@@ -210,7 +210,7 @@ def test_ddim_eta0_is_deterministic_given_x_T():
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_ddim_recovers_single_image(prediction):
   cfg = SamplingConfig(sampler="ddim", num_steps=20, guidance_scale=3.0)
   out = jax.jit(functools.partial(

@@ -1,14 +1,19 @@
 """Image decode, RGB conversion, resize and [-1, 1] normalisation.
 
 Two paths with one policy: in-graph (tf, for tf.data) and host-side (numpy/PIL).
+Both check the pixel budget from the header before decoding (untrusted input).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import struct
 
 import numpy as np
 import PIL.Image
+from PIL import JpegImagePlugin
+from PIL import PngImagePlugin
 import tensorflow as tf
 
 # Only PNG and JPEG are part of the record schema (docs: ICL group record), so
@@ -18,15 +23,41 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # Alpha is composited over white: transparent web images (logos, product
 # shots) are drawn on white backgrounds, and black would invent dark halos.
 _BACKGROUND = 255.0
+# Most pixels (width * height) any decode path accepts, checked from the header
+# before decoding: a 200 KB PNG can claim 40000^2 px (4.8 GB decoded). The
+# 4096^2 default (48 MB as RGB) is 16x the pixels of the largest stage
+# (imagen_sr1024); callers with larger images pass `max_pixels`.
+MAX_PIXELS = 4096 * 4096
+# Header parsers by magic: they read the size without PIL.Image.open's own
+# decompression-bomb check, so `max_pixels` is the only limit and it is exact.
+_PIL_PARSERS = ((_PNG_MAGIC, PngImagePlugin.PngImageFile),
+                (_JPEG_MAGIC, JpegImagePlugin.JpegImageFile))
+# What PIL raises on malformed data, from header parsing through decoding.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, IndexError, TypeError,
+               EOFError, struct.error)
 
 
 class ImageError(ValueError):
-  """An image field can not be decoded or has the wrong shape."""
+  """An image (a record field or a file) can not be decoded or has the wrong shape."""
 
-  def __init__(self, field: str, problem: str):
-    super().__init__(f"field '{field}': {problem}")
+  def __init__(self, field: str, problem: str, *, path: str = ""):
+    super().__init__(f"{path}: {problem}" if path else
+                     f"field '{field}': {problem}")
     self.field = field
     self.problem = problem
+    self.path = path
+
+
+class PixelBudgetError(ImageError):
+  """An image's header declares more pixels than the budget allows."""
+
+
+def _check_pixels(width: int, height: int, *, max_pixels: int = MAX_PIXELS,
+                 field: str = "image") -> None:
+  """Raises PixelBudgetError if a width x height image exceeds `max_pixels`."""
+  if width * height > max_pixels:
+    raise PixelBudgetError(
+        field, f"{width}x{height} px exceeds the pixel budget of {max_pixels} px")
 
 
 def _composite(pixels: np.ndarray) -> np.ndarray:
@@ -43,33 +74,66 @@ def _composite(pixels: np.ndarray) -> np.ndarray:
   return np.round(mixed).astype(np.uint8)
 
 
-def decode_array(data: bytes, *, field: str = "image") -> np.ndarray:
+def decode_array(data: bytes, *, field: str = "image",
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
   """Decodes PNG/JPEG bytes on the host (PIL), grayscale/alpha -> RGB.
 
   Args:
     data: encoded PNG or JPEG bytes.
     field: record field name used in the error message.
+    max_pixels: pixel budget, checked from the header before decoding.
 
   Returns:
     uint8 [H, W, 3]; alpha is composited over white.
 
   Raises:
+    PixelBudgetError: the header declares more than `max_pixels` pixels.
     ImageError: not PNG/JPEG, truncated or otherwise undecodable.
   """
-  if not (data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC)):
+  parser = next((p for magic, p in _PIL_PARSERS if data.startswith(magic)), None)
+  if parser is None:
     raise ImageError(field, "undecodable image: not PNG or JPEG data")
   try:
-    with PIL.Image.open(io.BytesIO(data)) as image:
+    image = parser(io.BytesIO(data))  # Reads the header only.
+  except _PIL_ERRORS as e:
+    raise ImageError(field, f"undecodable image: {e}") from e
+  with image:
+    _check_pixels(*image.size, max_pixels=max_pixels, field=field)
+    try:
       image.load()  # PIL decodes lazily; force it so truncation shows here.
       if image.mode not in ("L", "LA", "RGB", "RGBA"):
         alpha = "A" in image.getbands() or "transparency" in image.info
         image = image.convert("RGBA" if alpha else "RGB")
       pixels = np.asarray(image)
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ImageError(field, f"undecodable image: {e}") from e
+    except _PIL_ERRORS as e:
+      raise ImageError(field, f"undecodable image: {e}") from e
   if pixels.ndim == 2:
     pixels = pixels[..., None]
   return _composite(pixels)
+
+
+def read_image(path: str | os.PathLike[str], *,
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """Reads a PNG/JPEG file with `decode_array`'s checks; errors name the file.
+
+  Args:
+    path: the image file.
+    max_pixels: pixel budget, checked from the header before decoding.
+
+  Returns:
+    uint8 [H, W, 3]; alpha is composited over white.
+
+  Raises:
+    PixelBudgetError, ImageError: as `decode_array`, with `path` in the message.
+    OSError: the file can not be read.
+  """
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return decode_array(data, max_pixels=max_pixels)
+  except ImageError as e:
+    raise type(e)(e.field, e.problem, path=path) from e
 
 
 def check_array(image: np.ndarray, *, field: str = "image") -> np.ndarray:
@@ -113,12 +177,32 @@ def preprocess_array(image: np.ndarray, size: int) -> np.ndarray:
   return resized.astype(np.float32) / 127.5 - 1.0
 
 
-def decode_tf(encoded: tf.Tensor, field: str = "image") -> tf.Tensor:
+def _header_size_tf(encoded: tf.Tensor, is_png: tf.Tensor) -> tf.Tensor:
+  """int64 [width, height] from a PNG or JPEG header, without decoding."""
+
+  def png():
+    # IHDR must be the first chunk: u32 big-endian width, height at bytes
+    # 16..24. Padding keeps a short input from failing the slice.
+    head = tf.strings.join([tf.strings.substr(encoded, 0, 24), b"\0" * 24])
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(head, 16, 8), tf.uint8),
+                  tf.int64)
+    return raw[0::4] * 2**24 + raw[1::4] * 2**16 + raw[2::4] * 2**8 + raw[3::4]
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(encoded, output_type=tf.int32)
+    return tf.cast(tf.stack([shape[1], shape[0]]), tf.int64)
+
+  return tf.cond(is_png, png, jpeg)
+
+
+def decode_tf(encoded: tf.Tensor, field: str = "image", *,
+              max_pixels: int = MAX_PIXELS) -> tf.Tensor:
   """In-graph twin of `decode_array`; fails (InvalidArgumentError) on bad data.
 
   Args:
     encoded: string scalar, PNG or JPEG bytes.
     field: record field name put in the assertion message.
+    max_pixels: pixel budget, checked from the header before decoding.
 
   Returns:
     uint8 [h, w, 3]; alpha is composited over white.
@@ -130,6 +214,14 @@ def decode_tf(encoded: tf.Tensor, field: str = "image") -> tf.Tensor:
       tf.logical_or(is_png, is_jpeg),
       [f"field '{field}': undecodable image: not PNG or JPEG data"])
   with tf.control_dependencies([check]):
+    size = _header_size_tf(encoded, is_png)
+  # float64: a u32 x u32 product can overflow int64.
+  pixels_claimed = tf.reduce_prod(tf.cast(size, tf.float64))
+  budget = tf.debugging.Assert(
+      pixels_claimed <= max_pixels,
+      [f"field '{field}': width, height", size,
+       f"exceed the pixel budget of {max_pixels} px"])
+  with tf.control_dependencies([budget]):
     pixels = tf.io.decode_image(encoded, channels=0, expand_animations=False)
   channels = tf.shape(pixels)[-1]
   has_alpha = tf.equal(channels % 2, 0)  # LA (2) and RGBA (4) end in alpha.

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import jax
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from suti_jax.config import DataConfig
 from suti_jax.data import cached
@@ -114,6 +115,19 @@ class InputIterator:
   @property
   def epoch(self) -> int:
     return self._epoch
+
+  def stats(self) -> dict[str, float]:
+    """This process's input metrics, named like the train step's scalars.
+
+    Returns:
+      'data/skipped_records': records dropped under corrupt_policy='skip': bad
+        records, and all records from where a damaged file became unreadable
+        (those in bytes missing from a cut-short file cannot be counted);
+      'data/damaged_files': files whose reading stopped early (logged by path).
+    """
+    damaged = self._pipeline.damaged
+    return {"data/skipped_records": float(self._num_skipped),
+            "data/damaged_files": float(len(damaged) if damaged is not None else 0)}
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable state (Orbax: save it as a JSON item)."""
@@ -228,7 +242,11 @@ class InputIterator:
     end = bool(raw["end"][-1])
     # The end marker is no record; its position is the epoch's length.
     consumed = int(raw["position"][-1]) + 1 - end
-    self._num_skipped += consumed - self._position - (len(raw["end"]) - end)
+    skipped = consumed - self._position - (len(raw["end"]) - end)
+    if skipped:
+      self._num_skipped += skipped
+      logging.warning("corrupt_policy='skip': skipped %d records in epoch %d (%d in all)",
+                      skipped, self._epoch, self._num_skipped)
     self._position = consumed
     if end:
       return None

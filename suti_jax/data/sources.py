@@ -8,10 +8,13 @@ TFRecords, names a rejected record host-side; `input.InputIterator` batches them
 from __future__ import annotations
 
 import dataclasses
+import functools
+import struct
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from suti_jax.data import images
 from suti_jax.data import records
@@ -21,6 +24,87 @@ from suti_jax.data import records
 _FRAMING_BYTES = 16
 _OK, _TRUNCATED, _END = 0, 1, 2
 _MAX_PARALLEL_FILES = 16
+
+
+def _crc32c_table() -> tuple[int, ...]:
+  """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), which TFRecord uses."""
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    table.append(crc)
+  return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked CRC-32C (only ever of an 8-byte length header here)."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def count_records_from(path: str, offset: int, size: int) -> tuple[int, bool]:
+  """Counts the TFRecord frames from byte `offset` to the end of the file.
+
+  The reader stops at the first unreadable record, so this is what a damaged
+  file loses: the bad record and every record after it. Only length headers
+  (and their CRCs) are read.
+
+  Args:
+    path: a TFRecord file.
+    offset: where the unreadable record starts.
+    size: the file's size in bytes.
+
+  Returns:
+    (records, exact): `exact` is False when the walk met a frame cut off by
+    the end of the file or a bad length header; records in the missing or
+    unreadable bytes beyond it cannot be counted.
+  """
+  count = 0
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while offset < size:
+      count += 1
+      f.seek(offset)
+      header = f.read(12)
+      if len(header) < 12 or struct.unpack("<I", header[8:])[0] != _masked_crc32c(header[:8]):
+        return count, False
+      offset += struct.unpack("<Q", header[:8])[0] + _FRAMING_BYTES
+      if offset > size:
+        return count, False
+  return count, True
+
+
+class DamagedFiles:
+  """The TFRecord files whose reading stopped early, each logged once.
+
+  A file can be cut short (a copy or write that did not finish) or hold a bad
+  record mid-way; either way the reader delivers nothing after the damage.
+  """
+
+  def __init__(self):
+    self._lost: dict[str, int] = {}
+
+  def __len__(self) -> int:
+    return len(self._lost)
+
+  def lost_records(self, path: str, read: int, offset: int, size: int) -> int:
+    """The records `path` loses from byte `offset` (after `read` good ones)."""
+    if path not in self._lost:
+      lost, exact = count_records_from(path, offset, size)
+      self._lost[path] = lost
+      logging.warning(
+          "%s: unreadable from record %d (byte %d of %d): %d records read, %d lost%s", path,
+          read, offset, size, read, lost,
+          " (the rest of the file is intact, but the reader stops at the damage)" if exact else
+          " at least: the file is cut short or its framing is broken, so records in the "
+          "missing bytes cannot be counted")
+    return self._lost[path]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +118,13 @@ class Pipeline:
       exemplar_captions]} with all exemplars present; fails on a bad record.
     explain: host-side, raises RecordError for a raw element `process`
       rejected; None for trusted in-memory sources (errors always propagate).
+    damaged: TFRecord files found damaged so far; None for in-memory sources.
   """
 
   raw_epoch: Callable[[int], tf.data.Dataset]
   process: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
   explain: Callable[[dict[str, Any]], None] | None
+  damaged: DamagedFiles | None = None
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -58,24 +144,34 @@ def _checked(asserts: list[tf.Operation], fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def _read_file(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
-  """One file's records as {file, index, kind, record}, plus a truncation mark."""
+def _read_file(path: tf.Tensor, size: tf.Tensor, damaged: DamagedFiles) -> tf.data.Dataset:
+  """One file's records as {file, index, kind, record}; a damaged file ends in
+  one truncation mark per record lost (so corrupt_policy='skip' counts them)."""
   # A DataLoss error (truncated file, bad CRC) ends the file under
   # ignore_errors; the byte count then tells it apart from a clean end.
   records_ds = tf.data.TFRecordDataset(path).ignore_errors()
   records_ds = records_ds.map(lambda r: (r, tf.constant(False)))
   end = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
 
+  def lost(index, consumed):
+    return tf.py_function(
+        lambda p, i, c, s: damaged.lost_records(p.numpy().decode(), int(i), int(c), int(s)),
+        [path, index, consumed, size], tf.int64)
+
   def step(state, item):
     index, consumed = state
     record, is_end = item
     kind = tf.where(is_end, tf.where(consumed == size, _END, _TRUNCATED), _OK)
     length = tf.cast(tf.strings.length(record), tf.int64) + _FRAMING_BYTES
-    element = dict(file=path, index=index, kind=kind, record=record)
+    # Elements as [n] rows, unbatched below: n = 1, or the records lost.
+    n = tf.cond(tf.equal(kind, _TRUNCATED), lambda: lost(index, consumed),
+                lambda: tf.constant(1, tf.int64))
+    element = dict(file=tf.fill([n], path), index=index + tf.range(n),
+                   kind=tf.fill([n], kind), record=tf.fill([n], record))
     return (index + 1, consumed + length), element
 
   zero = tf.constant(0, tf.int64)
-  marked = records_ds.concatenate(end).scan((zero, zero), step)
+  marked = records_ds.concatenate(end).scan((zero, zero), step).unbatch()
   return marked.filter(lambda e: e["kind"] != _END)
 
 
@@ -124,12 +220,13 @@ def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
   by_record = len(files) < process_count
   mine = files if by_record else files[process_index::process_count]
   sizes = np.array([tf.io.gfile.stat(f).length for f in mine], np.int64)
+  damaged = DamagedFiles()
 
   def raw_epoch(epoch: int) -> tf.data.Dataset:
     order = np.random.default_rng([seed, epoch]).permutation(len(mine))
     ds = tf.data.Dataset.from_tensor_slices(
         ([mine[i] for i in order], sizes[order]))
-    ds = ds.interleave(_read_file,
+    ds = ds.interleave(functools.partial(_read_file, damaged=damaged),
                        cycle_length=min(len(mine), _MAX_PARALLEL_FILES),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if by_record:
@@ -148,7 +245,7 @@ def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
 
   features = records.ICL_FEATURES if icl else records.CAPTION_FEATURES
   return Pipeline(
-      raw_epoch, lambda raw: _parse_tf(raw, features, image_size, icl), explain)
+      raw_epoch, lambda raw: _parse_tf(raw, features, image_size, icl), explain, damaged)
 
 
 def _memory_element(example: Any, icl: bool, index: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from data_pipeline import prompt_writer
+from suti_jax.data import captions
 from suti_jax.data import synthetic
 from suti_jax.demo import world as world_lib
 from suti_jax.experts import dreambooth
@@ -74,7 +74,7 @@ def copy_nearest_exemplar(eval_set: Sequence[world_lib.EvalSubject]) -> Generate
   images = []
   for subject in eval_set:
     for p in subject.prompts:
-      sims = [prompt_writer.caption_similarity(p.prompt, c, subject.description)
+      sims = [captions.caption_similarity(p.prompt, c, subject.description)
               for c in subject.exemplar_captions]
       images.append(subject.exemplar_images[int(np.argmax(sims))])
   return Generated(np.stack(images))

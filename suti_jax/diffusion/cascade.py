@@ -35,7 +35,7 @@ class CascadeStage:
     sampling: the stage's sampler, steps, guidance, thresholding and, for SR
       stages, `noise_aug_level` (the fixed aug time).
     schedule: the stage's log-SNR schedule (also used for noise augmentation).
-    prediction: the model's output type, 'eps' or 'v'.
+    prediction: the model's output type, 'eps', 'v' or 'x0'.
     low_res_size: size (px) at which the previous stage's output is handed to
       `make_predict_fn` (the UNet's `low_res_size`); 0 = base stage.
     has_exemplars: whether the model is conditioned on exemplars (SuTI).

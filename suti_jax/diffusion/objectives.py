@@ -1,6 +1,6 @@
 """Forward process x_t = alpha x0 + sigma eps, and eps / x0 / v conversions.
 
-Also the training targets and loss weights per prediction type ('eps', 'v').
+Also the training targets and loss weights per prediction type ('eps', 'v', 'x0').
 Every `log_snr` is [B] (or a scalar) and broadcasts over the trailing axes of x.
 """
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from suti_jax.diffusion.schedule import alpha_sigma
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
@@ -81,13 +81,16 @@ def x0_eps_from_v(x_t: jax.Array, v: jax.Array,
 
 def to_x0_eps(pred: jax.Array, x_t: jax.Array, log_snr: jax.Array,
               prediction: str) -> tuple[jax.Array, jax.Array]:
-  """Model output -> (x0, eps) for either prediction type.
+  """Model output -> (x0, eps) for any prediction type.
+
+  An x0 model's eps is (x_t - alpha x0) / sigma, which amplifies its error by
+  alpha / sigma at low noise; samplers that threshold x0 are unaffected.
 
   Args:
-    pred: model output [B, H, W, C] ('eps' or 'v').
+    pred: model output [B, H, W, C] (eps, v or x0).
     x_t: the model input [B, H, W, C].
     log_snr: [B].
-    prediction: 'eps' or 'v'.
+    prediction: 'eps', 'v' or 'x0'.
 
   Returns:
     (x0, eps), each [B, H, W, C].
@@ -95,6 +98,8 @@ def to_x0_eps(pred: jax.Array, x_t: jax.Array, log_snr: jax.Array,
   check_prediction(prediction)
   if prediction == "eps":
     return x0_from_eps(x_t, pred, log_snr), pred
+  if prediction == "x0":
+    return pred, eps_from_x0(x_t, pred, log_snr)
   return x0_eps_from_v(x_t, pred, log_snr)
 
 
@@ -106,14 +111,16 @@ def prediction_target(x0: jax.Array, eps: jax.Array, log_snr: jax.Array,
     x0: clean data [B, H, W, C].
     eps: the noise used in x_t [B, H, W, C].
     log_snr: [B].
-    prediction: 'eps' or 'v'.
+    prediction: 'eps', 'v' or 'x0'.
 
   Returns:
-    eps or v, [B, H, W, C].
+    eps, v or x0, [B, H, W, C].
   """
   check_prediction(prediction)
   if prediction == "eps":
     return eps
+  if prediction == "x0":
+    return x0
   return v_from_x0_eps(x0, eps, log_snr)
 
 
@@ -122,13 +129,15 @@ def loss_weight(log_snr: jax.Array, prediction: str, weighting: str,
   """Per-example weight of the MSE on the prediction target.
 
   'min_snr' is Min-SNR-gamma (Hang et al. 2023, eq. 8 and sec. 3.4): the x0-space
-  weight min(SNR, gamma) expressed in target space, min(SNR, gamma) / SNR for eps
-  and min(SNR, gamma) / (SNR + 1) for v. Written with exp(-log_snr) and
-  sigmoid(-log_snr) = 1 / (SNR + 1) so it stays finite for |log_snr| ~ 20.
+  weight min(SNR, gamma) expressed in target space: min(SNR, gamma) / SNR for eps,
+  min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) itself for x0 (an eps error
+  is sqrt(SNR) times the x0 error it implies, a v error sqrt(SNR + 1) times).
+  Written with exp(-log_snr) and sigmoid(-log_snr) = 1 / (SNR + 1) so it stays
+  finite for |log_snr| ~ 20.
 
   Args:
     log_snr: [B].
-    prediction: 'eps' or 'v'.
+    prediction: 'eps', 'v' or 'x0'.
     weighting: 'none' or 'min_snr'.
     min_snr_gamma: gamma (the paper uses 5).
 
@@ -144,4 +153,6 @@ def loss_weight(log_snr: jax.Array, prediction: str, weighting: str,
     return jnp.ones_like(log_snr)
   if prediction == "eps":
     return jnp.minimum(1.0, min_snr_gamma * jnp.exp(-log_snr))
+  if prediction == "x0":
+    return jnp.minimum(jnp.exp(log_snr), min_snr_gamma)
   return jnp.minimum(jnp.exp(log_snr), min_snr_gamma) * jax.nn.sigmoid(-log_snr)

@@ -106,7 +106,7 @@ def sample(predict_fn: guidance_lib.Predictor, shape: tuple[int, ...],
     key: PRNG key for x_T and the sampler noise.
     schedule: the stage's log-SNR schedule.
     cfg: sampler, step count, eta, guidance and thresholding.
-    prediction: the model's output type, 'eps' or 'v'.
+    prediction: the model's output type, 'eps', 'v' or 'x0'.
     has_exemplars: whether the model is conditioned on exemplars.
     x_T: optional initial noise [B, H, W, C]; drawn from `key` if None.
 

@@ -10,11 +10,11 @@ import json
 import pathlib
 import re
 import zlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
+from suti_jax.data import images as images_lib
 from suti_jax.eval import metrics
 
 _TEMPLATE_LINE = re.compile(r"^'(.*)'\.format\(unique_token, class_token\),?$")
@@ -22,7 +22,8 @@ _SECTIONS = {"Object Prompts": "object", "Live Subject Prompts": "live"}
 
 
 class BenchmarkError(ValueError):
-  """The DreamBench folder is inconsistent (missing image, unknown class, bad prompt file)."""
+  """The DreamBench folder is inconsistent (missing image, unknown class, bad prompt file)
+  or its manifest points outside it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +113,28 @@ class Benchmark:
     return [fill_prompt(t, subject.class_noun, token) for t in self.templates(subject)]
 
 
+def _image_path(root: pathlib.Path, manifest: pathlib.Path, subject: str,
+                entry: Any) -> pathlib.Path:
+  """`root / entry`, refused unless it resolves inside `root`.
+
+  The manifest is untrusted input: an absolute path, `..` or a symlink leading out of the
+  folder would make the benchmark read (and the pipeline train on) any file.
+  """
+  if not isinstance(entry, str):
+    raise BenchmarkError(f"{manifest}: subject {subject!r}: image entry {entry!r} is not a "
+                         "path")
+  path = root / entry
+  if not path.resolve().is_relative_to(root.resolve()):
+    raise BenchmarkError(f"{manifest}: subject {subject!r}: image {entry!r} is outside {root}")
+  return path
+
+
 def load_benchmark(root: str | pathlib.Path, subjects: Sequence[str] | None = None,
                    unique_token: str = "") -> Benchmark:
   """Reads and validates `manifest.json` and `prompts_and_classes.txt` under `root`.
 
   Args:
-    root: the DreamBench folder (e.g. /work/shared/dreambench).
+    root: the DreamBench folder (e.g. ../shared/dreambench).
     subjects: names to keep (all when None), in manifest order.
     unique_token: identifier placed in prompts (see `fill_prompt`).
 
@@ -126,11 +143,13 @@ def load_benchmark(root: str | pathlib.Path, subjects: Sequence[str] | None = No
 
   Raises:
     BenchmarkError: naming the subject and path of a missing image, an unknown class or
-      subject, or an unknown requested subject.
+      subject, or an unknown requested subject; naming the manifest and entry of an image
+      path that resolves outside `root` (checked before anything is read).
   """
   root = pathlib.Path(root)
   table = parse_prompts_and_classes((root / "prompts_and_classes.txt").read_text())
-  manifest = json.loads((root / "manifest.json").read_text())["subjects"]
+  manifest_path = root / "manifest.json"
+  manifest = json.loads(manifest_path.read_text())["subjects"]
   unknown = sorted(set(subjects or ()) - set(manifest))
   if unknown:
     raise BenchmarkError(f"unknown subjects {unknown}; the manifest has {sorted(manifest)}")
@@ -145,7 +164,7 @@ def load_benchmark(root: str | pathlib.Path, subjects: Sequence[str] | None = No
     if table.classes.get(name, class_noun) != class_noun:
       raise BenchmarkError(f"subject {name!r}: manifest class {class_noun!r} differs from the "
                            f"class table's {table.classes[name]!r}")
-    paths = tuple(root / p for p in entry["images"])
+    paths = tuple(_image_path(root, manifest_path, name, p) for p in entry["images"])
     if not paths:
       raise BenchmarkError(f"subject {name!r} lists no images")
     for path in paths:
@@ -156,8 +175,12 @@ def load_benchmark(root: str | pathlib.Path, subjects: Sequence[str] | None = No
 
 
 def load_images(subject: Subject) -> np.ndarray:
-  """The subject's reference photos as uint8 [M, H, W, 3] (DreamBench's are 256x256)."""
-  return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in subject.image_paths])
+  """The subject's reference photos as uint8 [M, H, W, 3] (DreamBench's are 256x256).
+
+  Raises:
+    images_lib.ImageError: naming the photo that is undecodable or over the pixel budget.
+  """
+  return np.stack([images_lib.read_image(p) for p in subject.image_paths])
 
 
 class GenerationMethod(abc.ABC):
@@ -204,7 +227,7 @@ class DirectoryMethod(GenerationMethod):
       if not path.is_file():
         raise FileNotFoundError(f"generated image {path} (subject {subject.name!r}, prompt "
                                 f"{index}: {prompt!r}) not found")
-      images.append(np.asarray(Image.open(path).convert("RGB")))
+      images.append(images_lib.read_image(path))
     return np.stack(images)
 
 

@@ -16,8 +16,8 @@ from suti_jax.eval import metrics
 
 TEST_MODE_LABEL = "RANDOM-WEIGHTS TEST MODE"
 METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
-# DreamBench automatic metrics as published in the SuTI paper (DINO ViT-S/16, CLIP ViT-B/32),
-# on all 30 subjects; copied from /work/shared/reference.md for context only.
+# DreamBench automatic metrics (DINO ViT-S/16, CLIP ViT-B/32) on all 30 subjects as
+# published (the SuTI paper and each method's own paper); for context only, not rerun here.
 PUBLISHED = (
     ("real images (upper bound)", 0.774, 0.885, None),
     ("SuTI", 0.741, 0.819, 0.304),

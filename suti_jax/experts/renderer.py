@@ -7,23 +7,17 @@ cluster on the cluster's images and renders all of the cluster's prompts in a ba
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from data_pipeline import interfaces
 from suti_jax.config import DiffusionConfig, SamplingConfig, UNetConfig
 from suti_jax.data import images as images_lib
+from suti_jax.data import pipeline_interfaces
 from suti_jax.experts import dreambooth
-from suti_jax.models import unet as unet_lib
-from suti_jax.models.text import TextEncoder, build_tokenizer, init_t5_params
-from suti_jax.train import checkpoint as checkpoint_lib
-from suti_jax.train import experiment as experiment_lib
+from suti_jax.inference import stage as inference_stage
+from suti_jax.models.text import TextEncoder, build_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,32 +47,11 @@ def load_base_model(workdir: str, *, use_ema: bool = True) -> BaseModel:
   Returns:
     The base model with the run's own configs.
   """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory, item_names=checkpoint_lib.ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in {directory!r}")
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  sec = experiment_lib.sections(ml_collections.ConfigDict(config["config"]))
-  key = jax.random.PRNGKey(0)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-  def abstract(init):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        nn.unbox(jax.eval_shape(init, key)))
-
-  field = "ema_params" if use_ema else "params"
-  target = {field: abstract(lambda k: unet_lib.init_params(sec.model, k, sec.text.max_length)
-                            ["params"]),
-            "text_params": abstract(lambda k: init_t5_params(sec.text, k))}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, partial_restore=True,
-      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target))))
-  manager.close()
-  state = restored["state"]
-  encoder = TextEncoder(sec.text, build_tokenizer(sec.text), state["text_params"])
-  return BaseModel(state[field], encoder, sec.model, sec.diffusion, sec.sampling)
+  stage = inference_stage.load_stage(workdir, use_ema=use_ema)
+  text_cfg = stage.spec.text
+  encoder = TextEncoder(text_cfg, build_tokenizer(text_cfg), stage.text_params)
+  return BaseModel(stage.params, encoder, stage.spec.model, stage.spec.diffusion,
+                   stage.spec.sampling)
 
 
 def class_noun_of(description: str) -> str:
@@ -87,7 +60,7 @@ def class_noun_of(description: str) -> str:
   return words[-1] if words else ""
 
 
-class ExpertTargetRenderer(interfaces.TargetRenderer):
+class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
   """DreamBooth targets: one expert per cluster, fine-tuned on the cluster's images.
 
   The expert's prompt for a target is the pipeline prompt with the cluster's
@@ -126,20 +99,20 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
     if self._base is None:
       self._base = load_base_model(self._workdir)
 
-  def _subject_images(self, cluster: interfaces.Cluster) -> np.ndarray:
+  def _subject_images(self, cluster: pipeline_interfaces.Cluster) -> np.ndarray:
     size = self._base.unet_cfg.image_size
     decoded = [images_lib.decode_array(m.image) for m in cluster.members[:self._max_images]]
     return np.stack([dreambooth.to_uint8(images_lib.preprocess_array(x, size))
                      for x in decoded])
 
-  def render_targets(self, cluster: interfaces.Cluster,
-                     prompts: Sequence[interfaces.PromptSpec], seed: int
-                     ) -> list[interfaces.Target]:
+  def render_targets(self, cluster: pipeline_interfaces.Cluster,
+                     prompts: Sequence[pipeline_interfaces.PromptSpec], seed: int
+                     ) -> list[pipeline_interfaces.Target]:
     """Fine-tunes the cluster's expert and renders every prompt in one batch."""
-    return self.render_batch([interfaces.RenderTask(cluster, tuple(prompts))], seed)[0]
+    return self.render_batch([pipeline_interfaces.RenderTask(cluster, tuple(prompts))], seed)[0]
 
-  def render_batch(self, tasks: Sequence[interfaces.RenderTask], seed: int
-                   ) -> list[list[interfaces.Target]]:
+  def render_batch(self, tasks: Sequence[pipeline_interfaces.RenderTask], seed: int
+                   ) -> list[list[pipeline_interfaces.Target]]:
     """Fine-tunes one expert per cluster (vmapped, `max_parallel_experts` at a time),
     then renders each cluster's prompts in one batch.
 
@@ -165,7 +138,7 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
     for i, task in enumerate(tasks):
       if i not in experts:
         error = "cluster has no description, no images or no prompts"
-        out.append([interfaces.Target(p.skill, p.prompt, None, error=error)
+        out.append([pipeline_interfaces.Target(p.skill, p.prompt, None, error=error)
                     for p in task.prompts])
         continue
       expert_prompts = [dreambooth.identifier_prompt(p.prompt, task.cluster.description,
@@ -175,7 +148,7 @@ class ExpertTargetRenderer(interfaces.TargetRenderer):
           experts[i], expert_prompts, jax.random.fold_in(jax.random.fold_in(key, 1), i),
           self._sampling_cfg or base.sampling_cfg, text_encoder=base.text_encoder,
           unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
-      out.append([interfaces.Target(p.skill, p.prompt, image)
+      out.append([pipeline_interfaces.Target(p.skill, p.prompt, image)
                   for p, image in zip(task.prompts, rendered)])
     return out
 

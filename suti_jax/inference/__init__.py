@@ -2,8 +2,7 @@
 sampler and the `Pipeline` API (text-to-image and SuTI personalisation)."""
 
 from suti_jax.inference.pipeline import ExemplarError, Pipeline, personalize, validate_cascade
-from suti_jax.inference.stage import (StageModel, StageSpec, checkpoint_steps, config_from_spec,
-                                      load_stage, random_stage)
+from suti_jax.inference.stage import StageModel, StageSpec, load_stage, random_stage
 
-__all__ = ["ExemplarError", "Pipeline", "StageModel", "StageSpec", "checkpoint_steps",
-           "config_from_spec", "load_stage", "personalize", "random_stage", "validate_cascade"]
+__all__ = ["ExemplarError", "Pipeline", "StageModel", "StageSpec", "load_stage", "personalize",
+           "random_stage", "validate_cascade"]

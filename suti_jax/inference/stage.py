@@ -5,23 +5,20 @@ frozen T5 params, read from a trainer checkpoint or initialised randomly.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import ml_collections
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from suti_jax import config as config_lib
 from suti_jax.models import unet as unet_lib
 from suti_jax.models.text import encoder as text_encoder_lib
+from suti_jax.models.text import t5
 from suti_jax.parallel import mesh as mesh_lib
+from suti_jax.parallel import sharding as sharding_lib
 from suti_jax.train import checkpoint as checkpoint_lib
 from suti_jax.train import experiment as experiment_lib
-from suti_jax.train import state as state_lib
 
 # Config sections that decide what a stage's params compute; a checkpoint and
 # the config it is used with must agree on them (sampling may differ).
@@ -84,23 +81,22 @@ def spec_from_sections(sec: experiment_lib.Sections) -> StageSpec:
   return StageSpec(model=sec.model, text=sec.text, diffusion=sec.diffusion, sampling=sec.sampling)
 
 
-def config_from_spec(spec: str) -> ml_collections.ConfigDict:
-  """Loads `configs/x.py:arg` (the `--config` syntax) as a ConfigDict.
+def stage_config(config: Mapping[str, Any]) -> tuple[str, StageSpec, sharding_lib.Rules]:
+  """The stage name, typed spec and axis rules of a saved (JSON) config.
 
   Args:
-    spec: a config file path, optionally followed by ':' and its argument.
+    config: a checkpoint's `config` item (`checkpoint.read_config`).
 
   Returns:
-    `get_config(arg)` of that file.
+    (stage, spec, rules); unknown keys or wrong types raise ConfigError.
   """
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found (from {spec!r})")
-  module_spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  s = config_lib.section
+  spec = StageSpec(
+      model=s(config_lib.UNetConfig, config.get("model"), "config.model"),
+      text=s(config_lib.TextEncoderConfig, config.get("text"), "config.text"),
+      diffusion=s(config_lib.DiffusionConfig, config.get("diffusion"), "config.diffusion"),
+      sampling=s(config_lib.SamplingConfig, config.get("sampling"), "config.sampling"))
+  return str(config["stage"]), spec, sharding_lib.normalize_rules(config["axis_rules"])
 
 
 def default_mesh() -> Mesh:
@@ -108,49 +104,23 @@ def default_mesh() -> Mesh:
   return mesh_lib.make_mesh(config_lib.MeshConfig(ici_data=1), jax.devices()[:1])
 
 
-def checkpoint_directory(path: str) -> str:
-  """`path` itself, or `<path>/checkpoints` when `path` is a training workdir."""
-  nested = os.path.join(path, "checkpoints")
-  directory = nested if os.path.isdir(nested) else path
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-  return os.path.abspath(directory)
-
-
-def _manager(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory, item_names=checkpoint_lib.ITEMS,
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def checkpoint_steps(path: str) -> list[int]:
-  """The complete checkpoints' steps of a workdir (or checkpoints directory), ascending."""
-  manager = _manager(checkpoint_directory(path))
-  steps = sorted(manager.all_steps())
-  manager.close()
-  return steps
-
-
-def read_checkpoint_config(path: str, step: int | None = None) -> tuple[dict[str, Any], int]:
-  """The config JSON item of a trainer checkpoint.
-
-  Args:
-    path: a workdir or its `checkpoints` directory.
-    step: default the latest.
+def abstract_params(spec: StageSpec, mesh: Mesh, rules: sharding_lib.Rules) -> tuple[Any, Any]:
+  """ShapeDtypeStructs with shardings of the UNet and T5 params; no optimizer, no memory.
 
   Returns:
-    (config dict as saved by the trainer, the step read).
+    (UNet params, text params), both unboxed, sharded by their logical axes.
   """
-  directory = checkpoint_directory(path)
-  manager = _manager(directory)
-  steps = list(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"no complete checkpoint in {directory!r}")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"step {step} not in {directory!r}; steps: {sorted(steps)}")
-  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  manager.close()
-  return dict(config), step
+
+  def init(key):
+    unet_key, text_key = jax.random.split(key)
+    return (unet_lib.init_params(spec.model, unet_key, spec.text.max_length)["params"],
+            t5.init_t5_params(spec.text, text_key))
+
+  with nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
 
 
 def load_stage(path: str, *, step: int | None = None, use_ema: bool = True,
@@ -158,7 +128,7 @@ def load_stage(path: str, *, step: int | None = None, use_ema: bool = True,
   """Reads a stage from the trainer's Orbax checkpoint (params and config).
 
   Only the (EMA) UNet params and the text params are read; the optimizer
-  state stays on disk.
+  state stays on disk and no optimizer is built.
 
   Args:
     path: a training workdir or its `checkpoints` directory.
@@ -169,21 +139,14 @@ def load_stage(path: str, *, step: int | None = None, use_ema: bool = True,
   Returns:
     The StageModel.
   """
-  config, step = read_checkpoint_config(path, step)
-  sec = experiment_lib.sections(ml_collections.ConfigDict(config))
-  mesh = mesh or default_mesh()
-  abstract, _ = state_lib.abstract_sharded_state(experiment_lib.build(sec).init, mesh, sec.rules)
-  field = "ema_params" if use_ema else "params"
-  target = {field: getattr(abstract, field), "text_params": abstract.text_params}
-  manager = _manager(checkpoint_directory(path))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target,
-      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-      partial_restore=True)))["state"]
-  manager.close()
-  return StageModel(stage=sec.stage, spec=spec_from_sections(sec), params=restored[field],
-                    text_params=restored["text_params"], step=step,
-                    source=checkpoint_directory(path), config=config)
+  config, step = checkpoint_lib.read_config(path, step)
+  stage, spec, rules = stage_config(config)
+  params, text_params = abstract_params(spec, mesh or default_mesh(), rules)
+  loaded = checkpoint_lib.load_params(path, params, use_ema=use_ema,
+                                      abstract_text_params=text_params, step=step)
+  return StageModel(stage=stage, spec=spec, params=loaded.params,
+                    text_params=loaded.text_params, step=step,
+                    source=checkpoint_lib.checkpoint_directory(path), config=config)
 
 
 def random_stage(sec: experiment_lib.Sections, key: jax.Array) -> StageModel:

@@ -39,9 +39,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (ACT_EXEMPLAR, None),
     (ACT_HEIGHT, None),
     (ACT_WIDTH, None),
-    # Activation channels stay whole on `tensor`: with them split, XLA's CPU SPMD
-    # partitioner returned gradients 15% off on a 2x2x2 mesh (the UNet's first
-    # up-block GroupNorm; tests/test_train_step.py keeps a 2x2x2 parity case).
+    # Activation channels stay whole: split on `tensor` (with batch on data x fsdp
+    # and conv_in on fsdp), XLA's SPMD partitioner swaps batch blocks of a 3x3
+    # conv's input gradient (jax 0.10.2; docs/act_channels_xla_report.md). A strict
+    # xfail in tests/test_sharding.py says when a fix lets this rule come back.
     (ACT_CHANNELS, None),
     (ACT_TOKENS, None),
     (EMBED, FSDP),

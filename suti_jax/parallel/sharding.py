@@ -29,7 +29,8 @@ def normalize_rules(rules: Sequence[Sequence[Any]]) -> Rules:
   return tuple(out)
 
 
-def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+             replicated: list[tuple[int, int, tuple[str, ...]]] | None = None) -> PartitionSpec:
   """Replicates the dims of `spec` whose size the mesh axes do not divide.
 
   Tiny vocabularies (259 byte ids) or channel counts smaller than the mesh
@@ -39,21 +40,45 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
     spec: a mesh-axis PartitionSpec, at most `len(shape)` entries.
     shape: the array shape.
     mesh: the mesh the spec refers to.
+    replicated: if given, gets one `(dim index, dim size, mesh axes)` per dim
+      that the spec shards but this function replicates (for the caller's log).
 
   Returns:
     A PartitionSpec with the same length as `shape`.
   """
   entries = list(spec) + [None] * (len(shape) - len(spec))
   fitted = []
-  for dim, entry in zip(shape, entries):
+  for i, (dim, entry) in enumerate(zip(shape, entries)):
     names = (entry,) if isinstance(entry, str) else tuple(entry or ())
     ways = math.prod(mesh.shape[n] for n in names)
-    fitted.append(entry if ways > 1 and dim % ways == 0 else None)
+    keep = ways > 1 and dim % ways == 0
+    if not keep and ways > 1 and replicated is not None:
+      replicated.append((i, dim, names))
+    fitted.append(entry if keep else None)
   return PartitionSpec(*fitted)
+
+
+def _log_replicated(cases: Mapping[tuple[int, tuple[str, ...], int], list[str]]) -> None:
+  """One log line per distinct (dim size, mesh axes) case, naming every array."""
+  for (size, names, ways), paths in sorted(cases.items()):
+    logging.info("sharding: the %d-way %s split does not divide a dim of size %d; "
+                 "replicated in %d array(s): %s", ways, "x".join(names), size, len(paths),
+                 ", ".join(paths))
+
+
+def _record(cases: dict, path: Any, replicated: list[tuple[int, int, tuple[str, ...]]],
+            mesh: Mesh) -> None:
+  name = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+  for i, size, names in replicated:
+    ways = math.prod(mesh.shape[n] for n in names)
+    cases.setdefault((size, names, ways), []).append(f"{name}[{i}]")
 
 
 def logical_shardings(abstract: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for a (possibly `nn.Partitioned`-boxed) abstract tree.
+
+  Dims the mesh does not divide are replicated (`fit_spec`) and logged once
+  per distinct (size, mesh axes) case with every array path they occur in.
 
   Args:
     abstract: output of `jax.eval_shape` of an init function; boxed leaves
@@ -66,26 +91,68 @@ def logical_shardings(abstract: Any, mesh: Mesh, rules: Rules) -> Any:
   """
   specs = nn.logical_to_mesh(nn.get_partition_spec(abstract), rules)
   shapes = nn.unbox(abstract)
-  return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
-      specs, shapes, is_leaf=lambda s: isinstance(s, PartitionSpec))
+  cases: dict = {}
+
+  def one(path, spec, x):
+    replicated: list[tuple[int, int, tuple[str, ...]]] = []
+    sharding = NamedSharding(mesh, fit_spec(spec, x.shape, mesh, replicated))
+    _record(cases, path, replicated, mesh)
+    return sharding
+
+  out = jax.tree_util.tree_map_with_path(one, specs, shapes,
+                                         is_leaf=lambda s: isinstance(s, PartitionSpec))
+  _log_replicated(cases)
+  return out
+
+
+# Keys under which optax's factored second moment (Adafactor) keeps its row and
+# column statistics (`optax._src.factorized.FactoredState`).
+_FACTORED_ROW, _FACTORED_COL = "v_row", "v_col"
+
+
+def factored_dims(shape: Sequence[int]) -> tuple[int, int]:
+  """The (d1, d0) dims that optax 0.2.8's factored RMS reduces for `shape`.
+
+  `optax._src.factorized._factored_dims`: the two largest dims by
+  `np.argsort(shape)` (the same call, so ties resolve as optax resolves them:
+  the earlier dim first), d0 the largest. `v_row` averages over d0 (drops it),
+  `v_col` over d1. For a square [C, C] kernel d1 = 0 and d0 = 1, so `v_row`
+  keeps dim 0 and `v_col` keeps dim 1.
+  """
+  order = np.argsort(tuple(shape))
+  return int(order[-2]), int(order[-1])
+
+
+def _key_name(key: Any) -> Any:
+  for attr in ("name", "key", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
 
 
 def _spec_like(shape: tuple[int, ...], ref_shape: tuple[int, ...],
-               ref_spec: PartitionSpec) -> PartitionSpec:
+               ref_spec: PartitionSpec, factored: str | None = None) -> PartitionSpec:
   """The spec of a reference array carried over to a same- or lower-rank one.
 
-  Optimizer moments have the parameter's shape; factored Adafactor statistics
-  drop one dimension, whose entry is dropped from the spec too.
+  Optimizer moments have the parameter's shape. Factored Adafactor statistics
+  (`factored` = 'v_row' or 'v_col') drop the dim optax reduces, which
+  `factored_dims` names exactly; another one-dim-lower leaf takes the spec only
+  when exactly one dropped dim fits its shape, else it is replicated.
   """
   entries = list(ref_spec) + [None] * (len(ref_shape) - len(ref_spec))
   if shape == ref_shape:
     return PartitionSpec(*entries)
-  if len(shape) == len(ref_shape) - 1:
-    for i in range(len(ref_shape)):
-      if ref_shape[:i] + ref_shape[i + 1:] == shape:
-        return PartitionSpec(*(entries[:i] + entries[i + 1:]))
-  return PartitionSpec()
+  if len(shape) != len(ref_shape) - 1:
+    return PartitionSpec()
+  if factored is not None and len(ref_shape) >= 2:
+    d1, d0 = factored_dims(ref_shape)
+    drop = d0 if factored == _FACTORED_ROW else d1
+    if ref_shape[:drop] + ref_shape[drop + 1:] == shape:
+      return PartitionSpec(*(entries[:drop] + entries[drop + 1:]))
+    return PartitionSpec()
+  fits = {tuple(entries[:i] + entries[i + 1:]) for i in range(len(ref_shape))
+          if ref_shape[:i] + ref_shape[i + 1:] == shape}
+  return PartitionSpec(*fits.pop()) if len(fits) == 1 else PartitionSpec()
 
 
 def derived_shardings(tree: Any, ref: Any, ref_shardings: Any, mesh: Mesh) -> Any:
@@ -93,6 +160,7 @@ def derived_shardings(tree: Any, ref: Any, ref_shardings: Any, mesh: Mesh) -> An
 
   A leaf of `tree` takes the sharding of the `ref` leaf whose key path is a
   suffix of its own (`.../mu/conv/kernel` <- `conv/kernel`); others replicate.
+  Leaves under a `v_row`/`v_col` key (Adafactor) drop the dim optax reduces.
 
   Args:
     tree: abstract tree to shard (e.g. an optax state).
@@ -109,15 +177,24 @@ def derived_shardings(tree: Any, ref: Any, ref_shardings: Any, mesh: Mesh) -> An
     by_path[tuple(path)] = (tuple(x.shape), s.spec)
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
+  cases: dict = {}
+
   def one(path, x):
     for n in lengths:
       hit = by_path.get(tuple(path[-n:])) if len(path) >= n else None
       if hit is not None:
-        spec = _spec_like(tuple(x.shape), *hit)
-        return NamedSharding(mesh, fit_spec(spec, x.shape, mesh))
+        names = {_key_name(k) for k in path[:-n]}
+        factored = next((f for f in (_FACTORED_ROW, _FACTORED_COL) if f in names), None)
+        spec = _spec_like(tuple(x.shape), *hit, factored=factored)
+        replicated: list[tuple[int, int, tuple[str, ...]]] = []
+        sharding = NamedSharding(mesh, fit_spec(spec, x.shape, mesh, replicated))
+        _record(cases, path, replicated, mesh)
+        return sharding
     return NamedSharding(mesh, PartitionSpec())
 
-  return jax.tree_util.tree_map_with_path(one, tree)
+  out = jax.tree_util.tree_map_with_path(one, tree)
+  _log_replicated(cases)
+  return out
 
 
 def create_sharded(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
@@ -171,8 +248,16 @@ def _per_device_bytes(x: Any) -> int:
   return math.prod(shape) * np.dtype(x.dtype).itemsize
 
 
+# Parameter bytes from which an undersharded layout is an error, not a warning:
+# 1 GiB is ~268M float32 params. Paper-size UNets (suti_base64: 9.4 GiB) are far
+# above it; tiny and demo configs (a few MiB) far below, where replicating a
+# norm or a 259-row vocabulary costs nothing worth stopping a run for.
+RAISE_ABOVE_PARAM_BYTES = 2**30
+
+
 def assert_params_sufficiently_sharded(params: Any, mesh: Mesh, *, tolerance: float = 0.02,
-                                       raise_error: bool = True) -> float:
+                                       raise_error: bool = True,
+                                       raise_above_bytes: int = 0) -> float:
   """Checks that parameters are split over the model axes (fsdp, tensor).
 
   Ideal per-device bytes are total / (fsdp * tensor); replicated norms and
@@ -182,7 +267,9 @@ def assert_params_sufficiently_sharded(params: Any, mesh: Mesh, *, tolerance: fl
     params: sharded arrays or ShapeDtypeStructs with shardings.
     mesh: the mesh.
     tolerance: allowed relative excess of per-device bytes over the ideal.
-    raise_error: raise ValueError (else log a warning) when over tolerance.
+    raise_error: raise ValueError when over tolerance (else log a warning)...
+    raise_above_bytes: ...but only for params of at least this many bytes in
+      total; smaller ones warn (the trainer passes RAISE_ABOVE_PARAM_BYTES).
 
   Returns:
     The relative excess (0.0 = perfectly sharded).
@@ -194,9 +281,10 @@ def assert_params_sufficiently_sharded(params: Any, mesh: Mesh, *, tolerance: fl
     return 0.0
   excess = sum(_per_device_bytes(x) for x in leaves) / (total / model_ways) - 1.0
   if excess > tolerance:
-    msg = (f"parameters use {excess:.1%} more bytes per device than an even split over "
-           f"fsdp x tensor = {model_ways} (tolerance {tolerance:.1%}); check axis_rules")
-    if raise_error:
+    msg = (f"parameters ({total / 2**30:.2f} GiB) use {excess:.1%} more bytes per device "
+           f"than an even split over fsdp x tensor = {model_ways} (tolerance {tolerance:.1%}); "
+           f"check axis_rules and the 'replicated in' sharding log lines")
+    if raise_error and total >= raise_above_bytes:
       raise ValueError(msg)
     logging.warning(msg)
   return excess

@@ -16,13 +16,15 @@ import numpy as np
 import tensorflow as tf
 from jax.experimental import jax2tf
 
-from suti_jax.inference import sampler
-from suti_jax.inference.pipeline import Pipeline
 from suti_jax import config as config_lib
+from suti_jax.inference import sampler
 from suti_jax.inference import stage as stage_lib
-from suti_jax.inference.stage import MODEL_SECTIONS, StageModel
+from suti_jax.inference.pipeline import Pipeline
+from suti_jax.inference.stage import MODEL_SECTIONS, StageModel, StageSpec
 from suti_jax.models.text import tokenizers
 from suti_jax.serving import serving_checkpoint
+from suti_jax.train import checkpoint as checkpoint_lib
+from suti_jax.train.experiment import Sections
 
 MODEL_CARD = "model_card.json"
 
@@ -41,7 +43,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_config(checkpoint_config: Mapping[str, Any], config: Mapping[str, Any],
+def check_config(checkpoint_config: Mapping[str, Any], stage: str, spec: StageSpec,
                  source: str = "checkpoint") -> None:
   """Raises ConfigMismatchError if the stage or a model-defining section differs.
 
@@ -50,14 +52,14 @@ def check_config(checkpoint_config: Mapping[str, Any], config: Mapping[str, Any]
 
   Args:
     checkpoint_config: the config JSON stored with the checkpoint.
-    config: the config given for export (a ConfigDict or dict).
+    stage: the stage name given for export.
+    spec: the typed sections given for export.
     source: names the checkpoint in the message.
   """
-  given = (json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
-           else dict(config))
-  ours = {k: given.get(k) for k in ("stage",) + MODEL_SECTIONS}
-  theirs = {k: checkpoint_config.get(k) for k in ("stage",) + MODEL_SECTIONS}
-  a, b = _flatten(theirs), _flatten(ours)
+  theirs_stage, theirs_spec, _ = stage_lib.stage_config(checkpoint_config)
+  typed = lambda name, sp: {"stage": name, **{  # noqa: E731
+      k: config_lib.to_dict(getattr(sp, k)) for k in MODEL_SECTIONS}}
+  a, b = _flatten(typed(theirs_stage, theirs_spec)), _flatten(typed(stage, spec))
   diffs = [f"  {k}: checkpoint {a.get(k, '<missing>')!r} != config {b.get(k, '<missing>')!r}"
            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
   if diffs:
@@ -273,7 +275,7 @@ def write_model_card(path: str, stages: Sequence[StageModel], *, export_summary:
   return card
 
 
-def export_cascade(checkpoints: Sequence[str], configs: Sequence[Any], output_dir: str, *,
+def export_cascade(checkpoints: Sequence[str], configs: Sequence[Sections], output_dir: str, *,
                    step: int | None = None, num_steps: int | Sequence[int] | None = None,
                    guidance: str | None = None, dtype: str = "bfloat16",
                    platforms: Sequence[str] | None = None) -> dict[str, Any]:
@@ -282,8 +284,9 @@ def export_cascade(checkpoints: Sequence[str], configs: Sequence[Any], output_di
 
   Args:
     checkpoints: workdirs or checkpoint dirs, base stage then SR stages.
-    configs: the ConfigDict of each stage; model, text and diffusion must match
-      the checkpoint's, and its sampling section is what gets exported.
+    configs: the typed config of each stage (`experiment.sections(...)`); model,
+      text and diffusion must match the checkpoint's, and its sampling section
+      is what gets exported.
     output_dir: created if missing.
     step: checkpoint step (default each one's latest).
     num_steps: sampling steps fixed in the export (default the configs').
@@ -297,11 +300,11 @@ def export_cascade(checkpoints: Sequence[str], configs: Sequence[Any], output_di
   if len(checkpoints) != len(configs):
     raise ValueError(f"{len(checkpoints)} checkpoints but {len(configs)} configs")
   stages = []
-  for path, config in zip(checkpoints, configs):
-    check_config(stage_lib.read_checkpoint_config(path, step)[0], config, source=path)
-    sampling = config_lib.section(config_lib.SamplingConfig, config.sampling, "config.sampling")
+  for path, sec in zip(checkpoints, configs):
+    check_config(checkpoint_lib.read_config(path, step)[0], sec.stage,
+                 stage_lib.spec_from_sections(sec), source=path)
     stages.append(stage_lib.load_stage(path, step=step).with_sampling(
-        **config_lib.to_dict(sampling)))
+        **config_lib.to_dict(sec.sampling)))
   os.makedirs(output_dir, exist_ok=True)
   ckpt_dir = os.path.join(output_dir, "serving_checkpoint")
   serving_checkpoint.save_serving_checkpoint(stages, ckpt_dir, dtype=dtype)

@@ -1,6 +1,6 @@
 """The slim serving checkpoint of a cascade: per-stage EMA UNet params and the
 distinct frozen T5 params in one chosen dtype (Orbax), plus a JSON manifest of
-the typed configs; restores sharded by logical axes onto any mesh.
+the typed configs and axis rules; restores sharded by those rules onto any mesh.
 """
 
 from __future__ import annotations
@@ -53,12 +53,25 @@ def _spec_from_dict(d: dict[str, Any]) -> StageSpec:
                    sampling=s(config_lib.SamplingConfig, d["sampling"], "sampling"))
 
 
+def stage_rules(stage: StageModel) -> sharding_lib.Rules:
+  """The axis rules the stage was trained with (its config's `axis_rules`).
+
+  Random stages and configs without the key get `axes.DEFAULT_RULES`.
+  """
+  return sharding_lib.normalize_rules(stage.config.get("axis_rules") or axes.DEFAULT_RULES)
+
+
+def _rules_json(rules: sharding_lib.Rules) -> list[list[Any]]:
+  return [[name, list(t) if isinstance(t, tuple) else t] for name, t in rules]
+
+
 def save_serving_checkpoint(stages: Sequence[StageModel], directory: str, *,
                             dtype: str = "bfloat16") -> dict[str, Any]:
   """Writes the stages' params in `dtype` and their configs.
 
   Stages whose text params are equal share one stored copy (a cascade trained
-  with one frozen T5 stores it once).
+  with one frozen T5 stores it once). Each stage's axis rules (`stage_rules`)
+  go into the manifest, so a restore shards as the stage was trained.
 
   Args:
     stages: the cascade (params are saved as given: pass EMA-loaded stages).
@@ -85,7 +98,8 @@ def save_serving_checkpoint(stages: Sequence[StageModel], directory: str, *,
   manifest = {
       "format_version": FORMAT_VERSION, "dtype": dtype,
       "stages": [dict(stage=s.stage, step=s.step, source=s.source, text_index=t,
-                      **_spec_to_dict(s.spec)) for s, t in zip(stages, text_index)]}
+                      axis_rules=_rules_json(stage_rules(s)), **_spec_to_dict(s.spec))
+                 for s, t in zip(stages, text_index)]}
   if jax.process_index() == 0:
     with open(os.path.join(directory, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2)
@@ -117,7 +131,9 @@ def load_serving_checkpoint(directory: str, *, mesh: Mesh | None = None,
   Args:
     directory: a `save_serving_checkpoint` directory.
     mesh: any (data, fsdp, tensor) mesh; default one device.
-    rules: logical axis rules; default `axes.DEFAULT_RULES`.
+    rules: logical axis rules for every stage; default each stage's rules as
+      stored in the manifest (`axes.DEFAULT_RULES` for a manifest without them).
+      A shared T5 copy follows the rules of the first stage that uses it.
 
   Returns:
     StageModels (params in the stored dtype) in cascade order.
@@ -125,21 +141,21 @@ def load_serving_checkpoint(directory: str, *, mesh: Mesh | None = None,
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)
   mesh = mesh or default_mesh()
-  rules = rules or sharding_lib.normalize_rules(axes.DEFAULT_RULES)
   dtype = manifest["dtype"]
   specs = [_spec_from_dict(s) for s in manifest["stages"]]
+  stage_rules_ = [rules or sharding_lib.normalize_rules(s.get("axis_rules") or axes.DEFAULT_RULES)
+                  for s in manifest["stages"]]
   key = jax.random.PRNGKey(0)
   target = {"unet": {}, "text": {}}
-  with nn.logical_axis_rules(rules):
-    for i, spec in enumerate(specs):
+  for i, (entry, spec, rules_i) in enumerate(zip(manifest["stages"], specs, stage_rules_)):
+    with nn.logical_axis_rules(rules_i):
       boxed = jax.eval_shape(
           lambda k, c=spec: unet_lib.init_params(c.model, k, c.text.max_length)["params"], key)
-      target["unet"][f"stage_{i}"] = _abstract(boxed, dtype, mesh, rules)
-    for entry, spec in zip(manifest["stages"], specs):
+      target["unet"][f"stage_{i}"] = _abstract(boxed, dtype, mesh, rules_i)
       name = f"text_{entry['text_index']}"
       if name not in target["text"]:
         boxed = jax.eval_shape(lambda k, c=spec: t5.init_t5_params(c.text, k), key)
-        target["text"][name] = _abstract(boxed, dtype, mesh, rules)
+        target["text"][name] = _abstract(boxed, dtype, mesh, rules_i)
   restored = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS), target)
   return [StageModel(stage=entry["stage"], spec=spec,
                      params=restored["unet"][f"stage_{i}"],

@@ -5,9 +5,12 @@ restores straight into the target shardings of any mesh.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import subprocess
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -16,6 +19,18 @@ from absl import logging
 from suti_jax.train.state import TrainState
 
 ITEMS = ("state", "data_iter", "config", "meta")
+# Orbax writes step N to 'N<suffix>' and renames it when complete; one left
+# behind is a save cut short by a crash.
+PARTIAL_SAVE_GLOB = "*.orbax-checkpoint-tmp*"
+# Next to the checkpoint directory: steps after a chosen `restore_step`.
+DISCARDED_DIR = "discarded_checkpoints"
+# Characters of Orbax's error kept in CheckpointError (TensorStore appends
+# kilobytes of JSON spec).
+MAX_CAUSE_CHARS = 400
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint step cannot be restored: damaged, incomplete or not there."""
 
 
 class Checkpointer:
@@ -36,6 +51,8 @@ class Checkpointer:
     """
     self.directory = os.path.abspath(directory)
     self._every_steps = every_steps
+    if jax.process_index() == 0:
+      _remove_partial_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
         save_interval_steps=1)
@@ -79,14 +96,68 @@ class Checkpointer:
 
     Returns:
       (state, data_iter state, meta).
+
+    Raises:
+      FileNotFoundError: the directory holds no complete checkpoint.
+      CheckpointError: `step` is not there or cannot be read; the message
+        names its directory and the other steps, to pass as
+        `--config.train.restore_step`.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    steps = self.all_steps()
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint step {step} in {self.directory}; steps there: {steps}")
+    cause = None
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    # Orbax and TensorStore raise ValueError, KeyError, OSError, ... for
+    # damaged files, and tree errors for a missing _METADATA: any of them means
+    # this step cannot be used.
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      cause = _short_cause(e)
+    if cause is not None:
+      # Raised outside the `except` so that Orbax's exception (and the pending
+      # TensorStore reads its traceback keeps alive) is freed now: otherwise each
+      # read prints 'RuntimeError: Event loop is closed' at exit.
+      raise CheckpointError(self._damaged_message(step, steps, cause))
     return out["state"], out["data_iter"], out["meta"]
+
+  def _damaged_message(self, step: int, steps: list[int], cause: str) -> str:
+    earlier = [s for s in steps if s < step]
+    offer = (f"earlier steps available: {earlier}; resume from one with "
+             f"--config.train.restore_step={earlier[-1]}" if earlier else
+             "no earlier step is available; move it aside to start from scratch")
+    return (f"checkpoint step {step} ({os.path.join(self.directory, str(step))}) cannot be "
+            f"restored: damaged, or written for a different model ({cause}); {offer}")
+
+  def discard_after(self, step: int) -> list[int]:
+    """Moves steps after `step` out of the directory, to resume from `step`.
+
+    Left in place, a later (e.g. damaged) step would stay the latest and block
+    the save of its own step number. They go to `../discarded_checkpoints/`.
+
+    Args:
+      step: the step training resumes from.
+
+    Returns:
+      The steps moved.
+    """
+    later = [s for s in self.all_steps() if s > step]
+    if later and jax.process_index() == 0:
+      dest = os.path.join(os.path.dirname(self.directory), DISCARDED_DIR,
+                          time.strftime("%Y%m%d-%H%M%S"))
+      os.makedirs(dest, exist_ok=True)
+      for s in later:
+        shutil.move(os.path.join(self.directory, str(s)), os.path.join(dest, str(s)))
+      logging.warning("resuming from step %d: moved later steps %s to %s", step, later, dest)
+    if later:
+      ocp.multihost.sync_global_processes("suti_discard_after")
+      self._manager.reload()
+    return later
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
@@ -97,6 +168,22 @@ class Checkpointer:
     self._manager.close()
 
 
+def _remove_partial_saves(directory: str) -> None:
+  """Deletes step directories a crash left half-written (Orbax ignores them)."""
+  for path in sorted(glob.glob(os.path.join(directory, PARTIAL_SAVE_GLOB))):
+    shutil.rmtree(path)
+    logging.warning("removed %s: a checkpoint save that did not finish", path)
+
+
+def _short_cause(error: Exception) -> str:
+  """'Type: first part of the message', without TensorStore's JSON spec."""
+  text = str(error).split(" [tensorstore_spec=")[0].strip()
+  text = " ".join(text.split())  # One line.
+  if len(text) > MAX_CAUSE_CHARS:
+    text = text[:MAX_CAUSE_CHARS] + "..."
+  return f"{type(error).__name__}: {text}"
+
+
 def restore_params(directory: str, abstract_params: Any, *, use_ema: bool = False) -> Any:
   """Reads only the (EMA) params of the latest checkpoint in `directory`.
 
@@ -104,30 +191,108 @@ def restore_params(directory: str, abstract_params: Any, *, use_ema: bool = Fals
   source run (optimizer, text encoder) are not needed.
 
   Args:
-    directory: a Checkpointer directory.
+    directory: a Checkpointer directory or the workdir holding it.
     abstract_params: ShapeDtypeStructs (with shardings) of the source params.
     use_ema: read `ema_params` instead of `params`.
 
   Returns:
     The params tree laid out per `abstract_params`.
   """
+  loaded = load_params(directory, abstract_params, use_ema=use_ema)
+  logging.info("init_from: %s params of %s step %d", "ema_params" if use_ema else "params",
+               directory, loaded.step)
+  return loaded.params
+
+
+def checkpoint_directory(path: str) -> str:
+  """`<path>/checkpoints` when `path` is a training workdir, else `path` itself (absolute)."""
+  nested = os.path.join(path, "checkpoints")
+  directory = nested if os.path.isdir(nested) else path
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"init_from: checkpoint directory {directory!r} does not exist")
-  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS,
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"init_from: no complete checkpoint in {directory!r}")
+    raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+  return os.path.abspath(directory)
+
+
+def _read_only_manager(path: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(checkpoint_directory(path), item_names=ITEMS,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def checkpoint_steps(path: str) -> list[int]:
+  """The complete checkpoints' steps of a workdir (or checkpoints directory), ascending."""
+  manager = _read_only_manager(path)
+  steps = sorted(manager.all_steps())
+  manager.close()
+  return steps
+
+
+def _read_only_step(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+  """A read-only manager on `path`'s checkpoints and the step to read (default latest)."""
+  directory = checkpoint_directory(path)
+  manager = _read_only_manager(path)
+  steps = sorted(manager.all_steps())
+  if not steps:
+    manager.close()
+    raise FileNotFoundError(f"no complete checkpoint in {directory!r}")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    manager.close()
+    raise FileNotFoundError(f"step {step} not in {directory!r}; steps: {steps}")
+  return manager, step
+
+
+def read_config(path: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """The `config` JSON item of a checkpoint.
+
+  Args:
+    path: a workdir or its `checkpoints` directory.
+    step: default the latest.
+
+  Returns:
+    (the config as the trainer saved it, the step read).
+  """
+  manager, step = _read_only_step(path, step)
+  config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  manager.close()
+  return dict(config["config"]), step
+
+
+class LoadedParams(NamedTuple):
+  """What `load_params` read: UNet params, text params (or None) and their step."""
+
+  params: Any
+  text_params: Any
+  step: int
+
+
+def load_params(path: str, abstract_params: Any, *, use_ema: bool,
+                abstract_text_params: Any = None, step: int | None = None) -> LoadedParams:
+  """Reads a trained stage's params, and nothing else, onto the given shardings.
+
+  The one way to restore params for sampling, export, experts and `init_from`:
+  the optimizer state stays on disk, so callers never build an optimizer.
+
+  Args:
+    path: a workdir or its `checkpoints` directory.
+    abstract_params: ShapeDtypeStructs with shardings of the UNet params (any mesh).
+    use_ema: read `ema_params` (what the trainer samples with) instead of `params`.
+    abstract_text_params: also read the frozen T5 params onto these; None = skip.
+    step: default the latest.
+
+  Returns:
+    LoadedParams laid out per the abstract trees.
+  """
+  manager, step = _read_only_step(path, step)
   field = "ema_params" if use_ema else "params"
   target = {field: abstract_params}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-          partial_restore=True)))
+  if abstract_text_params is not None:
+    target["text_params"] = abstract_text_params
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+      partial_restore=True)))["state"]
   manager.close()
-  logging.info("init_from: %s params of %s step %d", field, directory, step)
-  return restored["state"][field]
+  return LoadedParams(restored[field], restored.get("text_params"), step)
 
 
 def git_hash() -> str:

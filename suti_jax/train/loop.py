@@ -87,13 +87,23 @@ def _init_from(exp: experiment_lib.Experiment, state: TrainState,
 def _initial_state(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpointer,
                    abstract: TrainState, shardings: TrainState,
                    data: input_lib.InputIterator) -> tuple[TrainState, int]:
-  """Resume order: own checkpoint in workdir -> init_from -> scratch."""
-  latest = ckpt.latest_step()
+  """Resume order: own checkpoint in workdir (latest or train.restore_step) ->
+  init_from -> scratch."""
+  restore_step, latest = exp.sec.train.restore_step, ckpt.latest_step()
+  if restore_step < 0:
+    raise checkpoint_lib.CheckpointError(
+        f"train.restore_step={restore_step}: use 0 (the latest) or one of the saved steps "
+        f"{ckpt.all_steps()} in {ckpt.directory}")
   if latest is not None:
-    state, data_state, _ = ckpt.restore(abstract, latest)
+    step = restore_step or latest
+    state, data_state, _ = ckpt.restore(abstract, step)
+    ckpt.discard_after(step)
     data.set_state(data_state)
-    logging.info("resumed from %s step %d", ckpt.directory, latest)
-    return state, latest
+    logging.info("resumed from %s step %d", ckpt.directory, step)
+    return state, step
+  if restore_step:
+    raise checkpoint_lib.CheckpointError(
+        f"train.restore_step={restore_step}: no checkpoint in {ckpt.directory}")
   state = create_state(exp.init, shardings, jax.random.PRNGKey(exp.sec.train.seed), exp.sec.rules)
   if exp.sec.text.weights_path:
     text = nn.unbox(t5_convert.load_params(exp.sec.text.weights_path, exp.sec.text))
@@ -136,6 +146,7 @@ def _report(run: _Run, step: int, metrics: dict[str, jax.Array]) -> dict[str, fl
     return None
   scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
   scalars.update(run.throughput.measure(step))
+  scalars.update(run.data.stats())  # Skipped corrupt records and damaged files.
   run.writer.write_scalars(step, scalars)
   return scalars
 
@@ -206,8 +217,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
   abstract, shardings, abstract_batch = experiment_lib.sharded_shapes(exp, mesh)
   logging.info("stage %s; mesh %s; %d params", sec.stage, mesh_lib.describe(mesh),
                sum(x.size for x in jax.tree.leaves(abstract.params)))
-  sharding_lib.assert_params_sufficiently_sharded(abstract.params, mesh,
-                                                  tolerance=SHARDING_TOLERANCE, raise_error=False)
+  sharding_lib.assert_params_sufficiently_sharded(
+      abstract.params, mesh, tolerance=SHARDING_TOLERANCE,
+      raise_above_bytes=sharding_lib.RAISE_ABOVE_PARAM_BYTES)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      every_steps=sec.train.checkpoint_every_steps,
                                      keep=sec.train.keep_checkpoints)

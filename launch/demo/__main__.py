@@ -1,5 +1,5 @@
 """Runs the embedded-default demo end to end (`make demo`): parses flags and calls
-`suti_jax.demo.run`; a re-run skips finished stages and resumes an interrupted one.
+`launch.demo.recipe.run`; a re-run skips finished stages and resumes an interrupted one.
 
   python -m launch.demo [--workdir=workdirs/demo] [--config=configs/demo.py[:small]]
   python -m launch.demo --retrain_base     # train the base instead of installing
@@ -32,13 +32,13 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported here so that flag parsing needs no jax backend.
-  from suti_jax import demo
+  from launch.demo import recipe
 
   if not flags.FLAGS["verbosity"].present:
     # The stages' progress bars say what is happening; library INFO logs would bury them.
     logging.set_verbosity(logging.WARNING)
 
-  demo.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value, retrain_base=_RETRAIN_BASE.value,
+  recipe.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value, retrain_base=_RETRAIN_BASE.value,
            save_base_to=_SAVE_BASE_TO.value)
   print(f"report: {_REPORT_DIR.value}/REPORT.md", flush=True)
 

@@ -1,42 +1,18 @@
-"""The contract between pipeline stages: element types, pluggable model ABCs, counters.
+"""The contract between the Beam pipeline's stages and the models they plug in.
 
-Each stage's model (embedder, captioner, describer, prompt writer, target renderer,
-fidelity scorers) is an object with `setup()` (called once per worker) and one method.
+Element types (records, clusters, prompts, targets) and the model ABCs (embedder,
+captioner, describer, prompt writer, target renderer, fidelity scorers), each an
+object with `setup()` (called once per worker) and one method. `data_pipeline`
+imports these; the library implements some of them (`suti_jax.experts.renderer`).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 from typing import Sequence
 
-import apache_beam as beam
 import numpy as np
-
-# Beam metrics namespace of every counter; the JSON summary reads it back.
-NAMESPACE = "suti_pipeline"
-# Tag of the dead-letter output of the stages that can receive invalid input.
-DEAD_LETTER = "dead_letter"
-
-
-def count(name: str, n: int = 1) -> None:
-  """Increments the pipeline counter `name` ('<stage>/<what>' or 'drop/<reason>')."""
-  beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
-
-
-def dead_letter(stage: str, reason: str, example_id: str, url: str, detail: str = ""
-                ) -> beam.pvalue.TaggedOutput:
-  """A dead-letter element (counted as drop/<reason>) for the JSONL side output."""
-  count(f"drop/{reason}")
-  return beam.pvalue.TaggedOutput(DEAD_LETTER, {
-      "stage": stage, "reason": reason, "id": example_id, "url": url, "detail": detail})
-
-
-def stable_seed(*parts: object) -> int:
-  """A 63-bit seed from strings/ints, the same on every worker and run."""
-  digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +164,8 @@ class TargetRenderer(abc.ABC):
   def render_batch(self, tasks: Sequence[RenderTask], seed: int) -> list[list[Target]]:
     """Targets of several clusters at once (the stage batches clusters when asked).
 
-    The default renders each cluster alone; a renderer that trains its experts
-    together (vmapped) overrides it.
+    The default renders each cluster alone (task i with seed + i); a renderer
+    that trains its experts together (vmapped) overrides it.
 
     Args:
       tasks: clusters with their prompts, sorted by cluster key.
@@ -198,8 +174,8 @@ class TargetRenderer(abc.ABC):
     Returns:
       Per task, its targets.
     """
-    return [self.render_targets(t.cluster, t.prompts, stable_seed(seed, t.cluster.key))
-            for t in tasks]
+    return [self.render_targets(t.cluster, t.prompts, (seed + i) % 2**63)
+            for i, t in enumerate(tasks)]
 
 
 class SubjectScorer(abc.ABC):

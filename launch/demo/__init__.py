@@ -1,0 +1,1 @@
+"""The end-to-end demo application (`python -m launch.demo`, `make demo`)."""

@@ -1,0 +1,352 @@
+"""The embedded-default demo recipe (`make demo`): the whole SuTI story on the synthetic
+world as resumable stages (web -> base -> judges -> Beam ICL groups -> SuTI v2 / v1 ->
+held-out evaluation -> reports/demo/REPORT.md); `run` is the entry point.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from data_pipeline import build_icl_groups
+from data_pipeline import read as pipeline_read
+from suti_jax import compile_cache
+from suti_jax.demo import evaluate
+from suti_jax.demo import report
+from suti_jax.demo import world as world_lib
+from suti_jax.demo import pretrained
+from suti_jax.demo.stages import Stage, StageRunner, fingerprint_of
+from suti_jax.data import synthetic
+from suti_jax.experts import dreambooth
+from suti_jax.experts import judges as judges_lib
+from suti_jax.inference import load_stage
+from suti_jax.train import checkpoint as checkpoint_lib
+from suti_jax.train import loop
+from suti_jax.train import preemption
+
+
+class Preempted(RuntimeError):
+  """A training stage stopped early (SIGTERM); re-running resumes it."""
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, watcher: preemption.PreemptionWatcher,
+           source: Any = None) -> dict[str, Any]:
+  result = loop.run(cfg, workdir, input_source=source, watcher=watcher)
+  if result.get("preempted"):
+    raise Preempted(f"training in {workdir} was preempted at step {result['step']:.0f}; "
+                    "run the demo again to resume")
+  return {"paths": {"checkpoints": os.path.join(workdir, "checkpoints")},
+          "final": {k: v for k, v in result.items() if k.startswith(("train/", "step"))}}
+
+
+class Demo:
+  """The demo's stages over one config, workdir and report folder."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str,
+               watcher: preemption.PreemptionWatcher | None = None, *,
+               retrain_base: bool = False, save_base_to: str = ""):
+    self.cfg = config
+    self.retrain_base = retrain_base
+    self.save_base_to = save_base_to
+    # One SIGTERM watcher for every training stage: stages may run on worker
+    # threads, and only the main thread can install a signal handler.
+    self.watcher = watcher or preemption.PreemptionWatcher()
+    self.workdir = os.path.abspath(workdir)
+    self.report_dir = os.path.abspath(report_dir)
+    self._web = None
+    self._eval_set = None
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  # World.
+  @property
+  def web(self):
+    if self._web is None:
+      w = self.cfg.world
+      self._web = world_lib.make_web(w.num_clusters, self.cfg.seed, w.web_size_px)
+    return self._web
+
+  @property
+  def eval_set(self) -> list[world_lib.EvalSubject]:
+    if self._eval_set is None:
+      w = self.cfg.world
+      seeds = world_lib.heldout_subject_seeds(
+          w.num_heldout_subjects, world_lib.web_subject_ids(self.web), self.cfg.judges.seed)
+      self._eval_set = world_lib.make_eval_set(
+          seeds, image_size=w.image_size, min_exemplars=w.min_exemplars,
+          max_exemplars=w.max_exemplars, prompts_per_skill=w.prompts_per_skill,
+          identifier=self.expert_config().identifier)
+    return self._eval_set
+
+  def expert_config(self) -> dreambooth.ExpertConfig:
+    """The DreamBooth recipe of the pipeline's teachers, and so of the baseline too:
+    `ExpertConfig.tiny()` with the config's `experts` overrides."""
+    return dataclasses.replace(dreambooth.ExpertConfig.tiny(), **self.cfg.experts.to_dict())
+
+  def write_web(self) -> dict[str, Any]:
+    jsonl = pipeline_read.write_jsonl_input(self.web, self.path("web"))
+    heldout = [s.subject_id for s in self.eval_set]
+    train = sorted(world_lib.web_subject_ids(self.web))
+    if set(heldout) & set(train):
+      raise AssertionError(f"held-out subjects in the training web: {set(heldout) & set(train)}")
+    with open(self.path("web", "split.json"), "w") as f:
+      json.dump({"train_subjects": train, "heldout_subjects": heldout}, f, indent=1)
+    return {"paths": {"jsonl": jsonl, "split": self.path("web", "split.json")},
+            "pairs": len(self.web), "train_subjects": len(train), "heldout_subjects": heldout}
+
+  def caption_source(self) -> list[tuple[np.ndarray, str]]:
+    return [(p.image, p.caption) for p in self.web]
+
+  def corpus_source(self) -> list[tuple[np.ndarray, str]]:
+    """The base's pretraining captions: many subjects, none of them held out."""
+    k = self.cfg.corpus
+    return list(synthetic.caption_dataset(k.seed, self.cfg.world.image_size,
+                                          range(k.num_subjects), num_examples=k.num_examples))
+
+  # Training.
+  def base_fingerprint(self) -> Any:
+    """What the base checkpoint depends on: its config and its corpus, not the web."""
+    return [self.cfg.base.to_dict(), self.cfg.corpus.to_dict(), self.cfg.world.image_size]
+
+  def train_base(self) -> dict[str, Any]:
+    checkpoints = self.path("base", "checkpoints")
+    shipped = self.cfg.get("base_pretrained", "")
+    recipe = pretrained.read_recipe(shipped) if shipped else None
+    fingerprint = fingerprint_of(self.base_fingerprint())
+    if recipe is not None and not self.retrain_base:
+      if recipe["fingerprint"] == fingerprint:
+        recipe = pretrained.install(shipped, checkpoints)
+        tqdm.tqdm.write(f"train_base: installed the shipped checkpoint {shipped} (step "
+                        f"{recipe['step']}); --retrain_base trains it from scratch")
+        return {"paths": {"checkpoints": checkpoints}, "final": recipe["final"],
+                "installed_from": shipped}
+      tqdm.tqdm.write(f"train_base: this config's base recipe differs from the shipped "
+                      f"{shipped}; training the base from scratch")
+    out = _train(self.cfg.base, self.path("base"), self.watcher, self.corpus_source())
+    if self.save_base_to:
+      pretrained.export(checkpoints, self.save_base_to, self.cfg.base.train.total_steps,
+                        {"fingerprint": fingerprint, "final": out["final"]})
+    return out
+
+  def train_sr(self) -> dict[str, Any]:
+    return _train(self.cfg.sr, self.path("sr"), self.watcher, self.caption_source())
+
+  def train_judges(self) -> dict[str, Any]:
+    j = self.cfg.judges
+    subject, text, scores = judges_lib.train_judges(
+        j.image_size, j.num_subjects, j.steps, j.seed, scenes_per_subject=j.scenes_per_subject,
+        num_heldout_subjects=j.num_heldout_subjects, batch_size=j.batch_size)
+    subject.save(self.path("judges", "subject"))
+    text.save(self.path("judges", "text"))
+    return {"paths": {"subject": self.path("judges", "subject"),
+                      "text": self.path("judges", "text")}, "report": scores}
+
+  def build_groups(self, version: str, renderer: str) -> dict[str, Any]:
+    p = self.cfg.pipeline
+    output = self.path(f"icl_{version}")
+    args = build_icl_groups.pipeline_args(
+        input=self.path("web", "web.jsonl"), output=output, renderer=renderer,
+        num_shards=p.num_shards, seed=self.cfg.seed, prompts_per_cluster=p.prompts_per_cluster,
+        subject_scorer=f"judge:{self.path('judges', 'subject')}",
+        text_scorer=f"judge:{self.path('judges', 'text')}",
+        min_subject_score=p.min_subject_score, min_text_score=p.min_text_score)
+    if renderer == "expert":
+      # kwargs of suti_jax.experts.renderer.ExpertTargetRenderer, as the CLI's JSON.
+      args.renderer_options = json.dumps(
+          {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict()})
+      args.render_batch_size = self.expert_config().max_parallel_experts
+    summary = build_icl_groups.run_pipeline(args, ["--runner=DirectRunner"])
+    if not summary["groups_written"]:
+      raise RuntimeError(f"the {renderer} pipeline wrote no ICL groups; see "
+                         f"{output}/summary.json for the drops")
+    return {"paths": {"summary": os.path.join(output, "summary.json")},
+            "groups_written": summary["groups_written"], "drops": summary["drops"]}
+
+  def train_suti(self, version: str) -> dict[str, Any]:
+    cfg = copy.deepcopy(self.cfg.suti)
+    cfg.init_from = self.path("base", "checkpoints")
+    cfg.data.pattern = self.path(f"icl_{version}", "icl-*")
+    return _train(cfg, self.path(f"suti_{version}"), self.watcher)
+
+  # Evaluation.
+  def generate(self, method: str) -> dict[str, Any]:
+    key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), evaluate.METHODS.index(method))
+    steps = self.cfg.eval.sampling_steps
+    if method in ("suti_v2", "suti_v1"):
+      out = evaluate.suti(load_stage(self.path(method)), self.eval_set, key, steps)
+    elif method == "text_only":
+      out = evaluate.text_only(load_stage(self.path("base")), self.eval_set, key, steps)
+    else:
+      out = evaluate.dreambooth_experts(load_stage(self.path("base")), self.eval_set,
+                                        self.expert_config(), key, steps)
+    path = self.path("eval", f"{method}.npz")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, images=out.images, seconds=np.float64(out.seconds_per_subject or np.nan))
+    return {"paths": {"images": path}, "seconds_per_subject": out.seconds_per_subject}
+
+  def judges(self) -> tuple[judges_lib.SubjectJudge, judges_lib.TextJudge]:
+    return (judges_lib.SubjectJudge.load(self.path("judges", "subject")),
+            judges_lib.TextJudge.load(self.path("judges", "text")))
+
+  def learning_curve(self, version: str) -> dict[str, Any]:
+    """Held-out fidelity of SuTI at each of its saved training steps."""
+    method = f"suti_{version}"
+    key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), evaluate.METHODS.index(method))
+    subject_judge, text_judge = self.judges()
+    points = []
+    for step in checkpoint_lib.checkpoint_steps(self.path(method)):
+      out = evaluate.suti(load_stage(self.path(method), step=step), self.eval_set, key,
+                          self.cfg.eval.sampling_steps)
+      scores = evaluate.score(out.images, self.eval_set, subject_judge, text_judge)
+      points.append({"step": step, **{m: float(np.mean(scores[m])) for m in
+                                      ("subject_fidelity", "subject_match", "text_fidelity")}})
+    return {"points": points}
+
+  def generated(self) -> dict[str, evaluate.Generated]:
+    out = {"copy_exemplar": evaluate.copy_nearest_exemplar(self.eval_set),
+           "ground_truth": evaluate.ground_truth(self.eval_set)}
+    for method in ("suti_v2", "suti_v1", "dreambooth", "text_only"):
+      data = np.load(self.path("eval", f"{method}.npz"))
+      seconds = float(data["seconds"])
+      out[method] = evaluate.Generated(data["images"], None if np.isnan(seconds) else seconds)
+    return out
+
+  def evaluate(self) -> dict[str, Any]:
+    subject_judge, text_judge = self.judges()
+    generated = self.generated()
+    per_prompt = {m: evaluate.score(generated[m].images, self.eval_set, subject_judge,
+                                    text_judge) for m in evaluate.METHODS}
+    metrics = evaluate.aggregate(per_prompt, self.eval_set)
+    metrics["personalization_s"] = {m: g.seconds_per_subject for m, g in generated.items()
+                                    if g.seconds_per_subject is not None}
+    path = self.path("eval", "metrics.json")
+    with open(path, "w") as f:
+      json.dump(metrics, f, indent=1, sort_keys=True)
+    return {"paths": {"metrics": path}}
+
+  def _marker(self, name: str) -> dict[str, Any]:
+    with open(StageRunner(self.workdir).marker_path(name)) as f:
+      return json.load(f)
+
+  def write_report(self) -> dict[str, Any]:
+    with open(self.path("eval", "metrics.json")) as f:
+      metrics = json.load(f)
+    prompts = evaluate.flat_prompts(self.eval_set)
+    metrics.update(
+        judges=self._marker("train_judges")["outputs"]["report"],
+        data={f"ICL {v}": {k: self._marker(f"icl_{v}")["outputs"][k]
+                           for k in ("groups_written", "drops")} for v in ("v2", "v1")},
+        stages={name: {k: v for k, v in self._marker(name).items()
+                       if k in ("wall_s", "cpu_s", "compile_s", "start_time", "end_time")}
+                for name in self.stage_names() if name != "report"},
+        eval_set={"num_subjects": len(self.eval_set), "num_prompts": len(prompts),
+                  "subjects": [s.subject_id for s in self.eval_set]},
+        training={name: self._marker(name)["outputs"]["final"]
+                  for name in ("train_base", "train_sr", "train_suti_v2", "train_suti_v1")},
+        learning_curve={v: self._marker(f"curve_suti_{v}")["outputs"]["points"]
+                        for v in ("v2", "v1")},
+        scale=self.scale())
+    generated = self.generated()
+    grids, start = [], 0
+    for subject in self.eval_set:
+      rows = range(start, start + len(subject.prompts))
+      start += len(subject.prompts)
+      if len(grids) < self.cfg.eval.num_grid_subjects:
+        cells = [[generated[m].images[r] for m in report.GRID_METHODS] for r in rows]
+        image = report.grid_image(subject.exemplar_images, cells, self.cfg.world.max_exemplars)
+        grids.append((subject.subject_id, image, [prompts[r].prompt for r in rows]))
+    paths = report.write(self.report_dir, metrics, grids)
+    return {"paths": paths}
+
+  def scale(self) -> str:
+    c = self.cfg
+    return (f"{c.world.num_clusters} web clusters ({len(self.web)} pairs); base "
+            f"{c.base.model.image_size} px x {c.base.train.total_steps} steps (batch "
+            f"{c.base.train.batch_size}), SR {c.sr.model.low_res_size}->{c.sr.model.image_size} "
+            f"px x {c.sr.train.total_steps}, SuTI x {c.suti.train.total_steps} steps (batch "
+            f"{c.suti.train.batch_size}) each, experts {self.expert_config().num_steps} steps, "
+            f"judges {c.judges.steps} steps, {c.eval.sampling_steps} sampling steps.")
+
+  # The recipe.
+  def stages(self) -> list[Stage]:
+    """The stages in order, each fingerprinted by its config and its inputs' fingerprints."""
+    c = self.cfg.to_dict()
+    experts = dataclasses.asdict(self.expert_config())
+    world = {"seed": c["seed"], "world": c["world"], "judge_seed": c["judges"]["seed"],
+             "identifier": experts["identifier"]}
+    steps = c["eval"]["sampling_steps"]
+    specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
+        ("web", self.write_web, world, ()),
+        ("train_base", self.train_base, self.base_fingerprint(), ()),
+        ("train_sr", self.train_sr, c["sr"], ("web",)),
+        ("train_judges", self.train_judges, c["judges"], ()),
+        ("icl_v2", lambda: self.build_groups("v2", "expert"), [c["pipeline"], experts],
+         ("web", "train_base", "train_judges")),
+        ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), c["pipeline"],
+         ("web", "train_judges")),
+        ("train_suti_v2", lambda: self.train_suti("v2"), c["suti"], ("train_base", "icl_v2")),
+        ("train_suti_v1", lambda: self.train_suti("v1"), c["suti"], ("train_base", "icl_v1")),
+        ("generate_suti_v2", lambda: self.generate("suti_v2"), steps, ("train_suti_v2",)),
+        ("generate_suti_v1", lambda: self.generate("suti_v1"), steps, ("train_suti_v1",)),
+        ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, experts],
+         ("train_base",)),
+        ("generate_text_only", lambda: self.generate("text_only"), steps, ("train_base",)),
+        ("curve_suti_v2", lambda: self.learning_curve("v2"), steps,
+         ("train_judges", "train_suti_v2")),
+        ("curve_suti_v1", lambda: self.learning_curve("v1"), steps,
+         ("train_judges", "train_suti_v1")),
+        ("evaluate", self.evaluate, None,
+         ("train_judges", "generate_suti_v2", "generate_suti_v1", "generate_dreambooth",
+          "generate_text_only")),
+    ]
+    # The report reads every stage's marker (train_sr's too, which no other stage needs).
+    specs.append(("report", self.write_report, [self.report_dir, c["eval"]],
+                  tuple(name for name, *_ in specs)))
+    fingerprints, out = {}, []
+    # The base and the judges depend on their own configs only, so a changed
+    # world keeps them (and the shipped base stays valid).
+    independent = ("train_base", "train_judges")
+    for name, fn, own, deps in specs:
+      fingerprints[name] = [own, [fingerprints[d] for d in deps]]
+      if name not in independent:
+        fingerprints[name].append(world)
+      out.append(Stage(name, fn, fingerprints[name], deps))
+    return out
+
+  def stage_names(self) -> list[str]:
+    return [s.name for s in self.stages()]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "reports/demo", *,
+        retrain_base: bool = False, save_base_to: str = "") -> dict[str, dict[str, Any]]:
+  """Runs (or resumes) the demo.
+
+  Args:
+    config: `configs/demo.py` config.
+    workdir: intermediate outputs, checkpoints and done-markers.
+    report_dir: where REPORT.md, metrics.json and the grids go.
+    retrain_base: train the base even where the shipped checkpoint fits.
+    save_base_to: after training the base, write it there as a shipped checkpoint.
+
+  Returns:
+    stage name -> marker (outputs, wall_s, skipped).
+  """
+  # Workdir-local by default: a re-run whose changed stages reuse programs
+  # (same shapes, same code) loads them instead of compiling again.
+  compile_cache.enable(os.path.join(workdir, "jax_cache"))
+  watcher = preemption.PreemptionWatcher().install()
+  try:
+    demo = Demo(config, workdir, report_dir, watcher, retrain_base=retrain_base,
+                save_base_to=save_base_to)
+    return StageRunner(demo.workdir).run(demo.stages(), workers=config.get("workers", 1))
+  finally:
+    watcher.close()
