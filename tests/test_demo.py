@@ -225,3 +225,50 @@ def test_demo_small_end_to_end_then_skips(tmp_path):
   again = recipe.run(demo_config.get_config("small"), workdir, report_dir)
   assert all(m["skipped"] for m in again.values())
   assert time.time() - start < 60
+
+
+def _target_metrics():
+  methods = {m: {k: 0.0 for k in evaluate.METRICS} for m in evaluate.METHODS}
+  methods["suti_v2"].update(subject_fidelity=0.6, subject_match=0.7, text_fidelity=0.4,
+                            nearest_exemplar_mse=0.05)
+  methods["suti_v1"].update(text_fidelity=0.3, nearest_exemplar_mse=0.02)
+  methods["dreambooth"].update(subject_fidelity=0.6)
+  methods["text_only"].update(subject_fidelity=0.3, text_fidelity=0.2)
+  return {"methods": methods, "personalization_s": {"suti_v2": 1.0, "dreambooth": 25.0},
+          "judges": {"subject_pair_accuracy": 0.95, "text_attribute_accuracy": 0.85},
+          "eval_set": {"num_subjects": 12, "num_prompts": 120}}
+
+
+def test_target_checks_follow_the_numbers():
+  metrics = _target_metrics()
+  assert all(met for _, _, met in report.target_checks(metrics))
+  metrics["methods"]["suti_v2"]["subject_fidelity"] = 0.45  # < text-only + 0.2, < 0.9 x DB
+  metrics["personalization_s"]["dreambooth"] = 10.0
+  unmet = [name for name, _, met in report.target_checks(metrics) if not met]
+  assert len(unmet) == 3 and any("20x" in name for name in unmet)
+  del metrics["judges"]["subject_pair_accuracy"]
+  assert not dict((n, m) for n, _, m in report.target_checks(metrics))[
+      "judges: held-out subject-pair accuracy >= 0.9"]
+
+
+def test_demo_targets_check_exits_by_the_targets(tmp_path):
+  from bench import demo_targets
+
+  path = tmp_path / "metrics.json"
+  path.write_text(json.dumps(_target_metrics()))
+  assert demo_targets.main([f"--metrics={path}", f"--out_dir={tmp_path}"]) == 0
+  bad = _target_metrics()
+  bad["methods"]["suti_v2"]["subject_match"] = 0.5
+  path.write_text(json.dumps(bad))
+  assert demo_targets.main([f"--metrics={path}", f"--out_dir={tmp_path}"]) == 1
+  assert json.load(open(tmp_path / "demo_targets.json"))["results"]["met"] == 8
+
+
+def test_bootstrap_interval_resamples_subjects():
+  values = np.array([0.0, 0.0, 1.0, 1.0, 0.5, 0.5])
+  groups = np.array(["a", "a", "b", "b", "c", "c"])
+  low, high = evaluate.bootstrap_interval(values, groups)
+  assert 0.0 <= low < 0.5 < high <= 1.0
+  assert evaluate.bootstrap_interval(values, groups) == (low, high)  # Seeded.
+  # Identical subjects: no spread at all.
+  assert evaluate.bootstrap_interval(np.full(6, 0.3), groups) == pytest.approx((0.3, 0.3))
