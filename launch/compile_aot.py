@@ -3,7 +3,7 @@ libtpu) and reports per-chip memory against HBM, FLOPs and compile time; shapes
 only, nothing allocated. An out-of-memory config fails here, not on the pod.
 
   python -m launch.compile_aot --config=configs/suti_base64.py --topology=v5p:4x4x4 \
-      --config.mesh.ici_data=1 --config.mesh.ici_fsdp=-1 --report=reports/aot/x.json
+      --config.mesh.ici_fsdp=16 --report=reports/aot/x.json
   python -m launch.compile_aot --config=configs/imagen_base64.py:tiny --topology=local
 
 `--topology` is required: a TPU topology name (`v5e:16x16`, `v5p:4x4x4`, `v4:4x4x4`;
@@ -89,7 +89,8 @@ def target_devices(topology: str, num_slices: int = 1) -> tuple[Sequence[Any], s
     raise TopologyError(f"libtpu cannot describe TPU topology {topology!r} x {num_slices} "
                         f"slice(s): {first_line}. Expected GENERATION:CHIPS such as v5e:2x2, "
                         f"v5e:16x16, v5p:4x4x4, v4:4x4x4, v6e:2x2") from e
-  return topo.devices, f"TPU topology {topology} x {num_slices} slice(s): {len(topo.devices)} devices"
+  note = f"TPU topology {topology} x {num_slices} slice(s): {len(topo.devices)} devices"
+  return topo.devices, note
 
 
 def _peak_bytes(memory: dict[str, int]) -> int:
@@ -107,17 +108,19 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
     num_slices: slices.
 
   Returns:
-    {'stage', 'topology', 'note', 'mesh', 'devices', 'device_kind', 'batch_size',
-    'param_count', 'flops_per_device', 'flops_per_step', 'memory' (bytes per
-    device by kind), 'peak_bytes_per_device', 'hbm_bytes_per_device' (None when
-    unknown), 'hbm_fraction', 'fits', 'error' (the compiler's out-of-memory
-    message, else ''), 'lower_s', 'compile_s'}.
+    {'stage', 'topology', 'num_slices', 'note', 'mesh', 'devices', 'device_kind',
+    'batch_size', 'param_count', 'param_sharding_excess' (per-device param bytes
+    over an even fsdp x tensor split, as the trainer checks), 'flops_per_device',
+    'flops_per_step', 'memory' (bytes per device by kind), 'peak_bytes_per_device',
+    'hbm_bytes_per_device' (None when unknown), 'hbm_fraction', 'fits', 'error'
+    (the compiler's out-of-memory message, else ''), 'compile_s' (lower + compile)}.
 
   Raises:
     TopologyError: see `target_devices`.
   """
   import jax
   from suti_jax.parallel import mesh as mesh_lib
+  from suti_jax.parallel import sharding as sharding_lib
   from suti_jax.train import experiment
   from suti_jax.train import metrics as metrics_lib
   from suti_jax.train import step as step_lib
@@ -132,6 +135,8 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
             "mesh": mesh_lib.describe(mesh), "devices": len(devices), "device_kind": kind,
             "batch_size": sec.train.batch_size,
             "param_count": sum(x.size for x in jax.tree.leaves(abstract.params)),
+            "param_sharding_excess": sharding_lib.assert_params_sufficiently_sharded(
+                abstract.params, mesh, raise_error=False),
             "hbm_bytes_per_device": HBM_BYTES.get(kind), "error": ""}
   start = time.perf_counter()
   try:
@@ -157,7 +162,8 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
 def format_report(report: dict[str, Any]) -> str:
   """Human-readable lines of a `compile_report`."""
   lines = [report["note"], f"stage {report['stage']}; mesh: {report['mesh']}; "
-           f"params: {report['param_count']:,}; global batch {report['batch_size']}"]
+           f"params: {report['param_count']:,} ({report['param_sharding_excess']:.1%} over an "
+           f"even fsdp x tensor split); global batch {report['batch_size']}"]
   if report["error"]:
     return "\n".join(lines + [f"DOES NOT FIT: {report['error']}"])
   lines.append(f"FLOPs per device per step: {report['flops_per_device']:.4g} "

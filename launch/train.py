@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -64,6 +64,7 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
 
 
 def _root_cause(error: BaseException) -> BaseException:
+  """The first exception of `error`'s chain (what get_config raised)."""
   while error.__context__ is not None:
     error = error.__context__
   return error
@@ -90,10 +91,6 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = message.split(_CONFIG_FILE_ERROR)[0] + str(_root_cause(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     message = _unknown_override(argv) or f"config override: {e}"
-  _exit_with(message)
-
-
-def _exit_with(message: str) -> NoReturn:
   sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
   sys.exit(1)
 

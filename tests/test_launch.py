@@ -102,6 +102,7 @@ def test_aot_compiles_for_a_tpu_topology_with_libtpu(tmp_path):
   assert report["flops_per_device"] > 0 and report["memory"]["argument"] > 0
   assert report["hbm_bytes_per_device"] == 16 * 2**30 and report["fits"] is True
   assert 0 < report["hbm_fraction"] < 0.01 and report["compile_s"] > 0
+  assert 0 <= report["param_sharding_excess"] < 0.1
   assert "GiB HBM" in out.stdout
 
 

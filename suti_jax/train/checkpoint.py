@@ -41,7 +41,10 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
-    """Opens (or creates) the checkpoint directory.
+    """Opens (or creates) the checkpoint directory of the run that writes it.
+
+    Deletes step directories a crashed save left half-written, so a reader of
+    another run's checkpoints uses `load_params` / `read_config` instead.
 
     Args:
       directory: e.g. '<workdir>/checkpoints'.
