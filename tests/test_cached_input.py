@@ -41,8 +41,9 @@ def _write_groups(tmp_path, num_groups=10):
   return records.write_tfrecords(str(tmp_path / "icl"), serialized, 2), str(tmp_path / "icl*")
 
 
-def _icl_input(pattern, batch_size=4, **kwargs):
-  cfg = DataConfig(kind="icl_tfrecord", pattern=pattern, cache=True)
+def _icl_input(pattern, batch_size=4, corrupt_policy="fail", **kwargs):
+  cfg = DataConfig(kind="icl_tfrecord", pattern=pattern, cache=True,
+                   corrupt_policy=corrupt_policy)
   return data_input.make_input(cfg, image_size=SIZE, text_len=TEXT_LEN, max_exemplars=3,
                                batch_size=batch_size, tokenizer=_Bytes(), seed=3, **kwargs)
 
@@ -135,3 +136,14 @@ def test_corrupt_record_is_named(tmp_path):
     f.write(b"\xff" * 8)
   with pytest.raises(records.RecordError, match="icl"):
     _icl_input(pattern)
+
+
+def test_skip_policy_counts_every_record_a_damaged_file_loses(tmp_path):
+  files, pattern = _write_groups(tmp_path, num_groups=10)
+  with open(files[0], "r+b") as f:  # A bad CRC in the first record: the reader stops there.
+    f.seek(40)
+    f.write(b"\xff" * 8)
+  data = _icl_input(pattern, corrupt_policy="skip")
+  lost = 10 - len({_text(ids) for _ in range(8) for ids in next(data)["text_ids"]})
+  assert lost >= 1
+  assert data.stats() == {"data/skipped_records": float(lost), "data/damaged_files": 1.0}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from suti_jax.data import records
 from suti_jax.data import sources
@@ -55,6 +56,10 @@ class CachedInput:
                num_epochs: int | None, identity: dict[str, Any]):
     elements, self._num_skipped = _materialise(pipeline, skip_corrupt and
                                                pipeline.explain is not None)
+    if self._num_skipped:
+      logging.warning("corrupt_policy='skip': skipped %d records while caching the input",
+                      self._num_skipped)
+    self._damaged = pipeline.damaged
     if len(elements) < batch_size:
       raise ValueError(f"the cached input of process {identity['process_index']} holds "
                        f"{len(elements)} examples, fewer than one batch of {batch_size}")
@@ -90,6 +95,11 @@ class CachedInput:
   def num_skipped(self) -> int:
     """Records dropped while reading the source (corrupt_policy='skip')."""
     return self._num_skipped
+
+  def stats(self) -> dict[str, float]:
+    """The input's metrics, as `InputIterator.stats`: records dropped, damaged files."""
+    return {"data/skipped_records": float(self._num_skipped),
+            "data/damaged_files": float(len(self._damaged) if self._damaged is not None else 0)}
 
   @property
   def epoch(self) -> int:
