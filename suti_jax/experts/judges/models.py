@@ -31,11 +31,15 @@ class JudgeConfig:
     image_size: px; inputs of any size are resized to this.
     widths: channels of the conv stages (each halves the resolution).
     embed_dim: width of the subject embedding / the text judge's features.
+    attention_pool: the pooled encoder (subject judge) also pools with learned
+      per-location weights, which can single out the subject from a busy
+      background that the mean and max pools mix in.
   """
 
   image_size: int = 32
   widths: tuple[int, ...] = (16, 32, 64)
   embed_dim: int = 64
+  attention_pool: bool = False
 
 
 class ImageEncoder(nn.Module):
@@ -63,7 +67,12 @@ class ImageEncoder(nn.Module):
       x = nn.gelu(nn.Conv(width, (3, 3))(x))
       x = nn.gelu(nn.GroupNorm(num_groups=8)(nn.Conv(width, (3, 3), strides=2)(x)))
     if self.pool:
-      x = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
+      pooled = [x.mean(axis=(1, 2)), x.max(axis=(1, 2))]
+      if self.config.attention_pool:
+        weights = jax.nn.softmax(einops.rearrange(nn.Dense(1)(x), "b h w 1 -> b (h w)"), -1)
+        pooled.append(jnp.einsum("bn,bnc->bc", weights,
+                                 einops.rearrange(x, "b h w c -> b (h w) c")))
+      x = jnp.concatenate(pooled, axis=-1)
     else:
       x = einops.rearrange(x, "b h w c -> b (h w c)")
     x = nn.gelu(nn.Dense(4 * self.config.embed_dim)(x))
