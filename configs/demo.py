@@ -17,7 +17,7 @@ OPTIONS = ("small",)
 
 
 # Steps of the shipped base checkpoint (pretrained/demo_base, 2 idle cores: see README).
-BASE_STEPS = 1750
+BASE_STEPS = 3000
 # SuTI training steps of each of the two models (v2, v1).
 SUTI_STEPS = 600
 
