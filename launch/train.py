@@ -113,8 +113,12 @@ def main(argv: Sequence[str]) -> None:
   try:
     result = loop.run(config, f.workdir)
   except (config_lib.ConfigError, checkpoint_lib.CheckpointError) as e:
-    # The message says what to change; a traceback would only bury it.
-    sys.exit(f"FATAL {type(e).__name__}: {e}")
+    # The message says what to change; a traceback would only bury it. Nothing is
+    # being written, and a normal interpreter exit would let Orbax's background reads
+    # of a failed restore print 'Event loop is closed' tracebacks after it.
+    sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
+    sys.stderr.flush()
+    os._exit(1)
   if result.get("preempted"):
     logging.warning("preempted at step %d; checkpoint saved, exiting cleanly",
                     int(result["step"]))
