@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from suti_jax.data import synthetic
-from suti_jax.data.synthetic import subjects as subjects_lib
 from suti_jax.experts import judges
 from suti_jax.experts.judges import models
 from suti_jax.experts.judges import training
