@@ -7,23 +7,10 @@ from suti_jax.config import DataConfig
 from suti_jax.data import input as data_input
 from suti_jax.data import records
 
+import data_testlib
+
 TEXT_LEN = 12
 SIZE = 8
-
-
-class _Bytes:
-  """A reversible byte tokenizer: id = byte + 1, 0 = padding."""
-
-  def encode(self, texts, max_length):
-    ids = np.zeros((len(texts), max_length), np.int32)
-    for i, text in enumerate(texts):
-      data = list(text.encode("utf-8"))[:max_length]
-      ids[i, :len(data)] = np.array(data, np.int32) + 1
-    return ids, ids > 0
-
-
-def _text(ids):
-  return bytes((ids[ids > 0] - 1).astype(np.uint8)).decode("utf-8")
 
 
 def _write_groups(tmp_path, num_groups=10):
@@ -45,13 +32,13 @@ def _icl_input(pattern, batch_size=4, corrupt_policy="fail", **kwargs):
   cfg = DataConfig(kind="icl_tfrecord", pattern=pattern, cache=True,
                    corrupt_policy=corrupt_policy)
   return data_input.make_input(cfg, image_size=SIZE, text_len=TEXT_LEN, max_exemplars=3,
-                               batch_size=batch_size, tokenizer=_Bytes(), seed=3, **kwargs)
+                               batch_size=batch_size, tokenizer=data_testlib.ByteTokenizer(), seed=3, **kwargs)
 
 
 def _caption_input(num_examples=12, batch_size=4):
   source = [(np.full((SIZE, SIZE, 3), i, np.uint8), f"c{i}") for i in range(num_examples)]
   return data_input.make_input(DataConfig(cache=True), image_size=SIZE, text_len=TEXT_LEN,
-                               max_exemplars=None, batch_size=batch_size, tokenizer=_Bytes(),
+                               max_exemplars=None, batch_size=batch_size, tokenizer=data_testlib.ByteTokenizer(),
                                seed=1, source=source)
 
 
@@ -66,7 +53,7 @@ def test_batches_match_the_spec(tmp_path):
 
 def test_each_epoch_visits_every_example_once_in_a_new_order():
   data = _caption_input(num_examples=12, batch_size=4)
-  epochs = [[_text(ids) for _ in range(3) for ids in next(data)["text_ids"]] for _ in range(2)]
+  epochs = [[data_testlib.decode(ids) for _ in range(3) for ids in next(data)["text_ids"]] for _ in range(2)]
   assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(f"c{i}" for i in range(12))
   assert epochs[0] != epochs[1]
   assert data.epoch == 1
@@ -108,12 +95,12 @@ def test_exemplar_subsets_are_real_and_padding_is_empty(tmp_path):
   for _ in range(6):
     batch = next(data)
     for b in range(4):
-      group = int(_text(batch["text_ids"][b])[1:])
+      group = int(data_testlib.decode(batch["text_ids"][b])[1:])
       present = 1 + group % 3
       slots = batch["exemplar_mask"][b]
       count = int(slots.sum())
       assert 1 <= count <= present and slots[:count].all() and not slots[count:].any()
-      captions = [_text(batch["exemplar_text_ids"][b, j]) for j in range(count)]
+      captions = [data_testlib.decode(batch["exemplar_text_ids"][b, j]) for j in range(count)]
       assert len(set(captions)) == count
       assert all(c.startswith(f"g{group} e") for c in captions)
       assert not batch["exemplar_text_mask"][b, count:].any()
@@ -144,6 +131,6 @@ def test_skip_policy_counts_every_record_a_damaged_file_loses(tmp_path):
     f.seek(40)
     f.write(b"\xff" * 8)
   data = _icl_input(pattern, corrupt_policy="skip")
-  lost = 10 - len({_text(ids) for _ in range(8) for ids in next(data)["text_ids"]})
+  lost = 10 - len({data_testlib.decode(ids) for _ in range(8) for ids in next(data)["text_ids"]})
   assert lost >= 1
   assert data.stats() == {"data/skipped_records": float(lost), "data/damaged_files": 1.0}

@@ -12,23 +12,10 @@ from suti_jax.config import DataConfig
 from suti_jax.data import input as data_input
 from suti_jax.data import records
 
+import data_testlib
+
 TEXT_LEN = 12
 SIZE = 8
-
-
-class _Bytes:
-  """A reversible byte tokenizer: id = byte + 1, 0 = padding."""
-
-  def encode(self, texts, max_length):
-    ids = np.zeros((len(texts), max_length), np.int32)
-    for i, text in enumerate(texts):
-      data = list(text.encode("utf-8"))[:max_length]
-      ids[i, :len(data)] = np.array(data, np.int32) + 1
-    return ids, ids > 0
-
-
-def _text(ids):
-  return bytes((ids[ids > 0] - 1).astype(np.uint8)).decode("utf-8")
 
 
 def _group(rng, index, num_exemplars):
@@ -58,7 +45,7 @@ def _input(pattern, *, batch_size=4, max_exemplars=3, seed=0, **kwargs):
   cfg = DataConfig(kind="icl_tfrecord", pattern=pattern, **cfg_kwargs)
   return data_input.make_input(
       cfg, image_size=SIZE, text_len=TEXT_LEN, max_exemplars=max_exemplars,
-      batch_size=batch_size, tokenizer=_Bytes(), seed=seed, **kwargs)
+      batch_size=batch_size, tokenizer=data_testlib.ByteTokenizer(), seed=seed, **kwargs)
 
 
 def _take(iterator, n):
@@ -66,7 +53,7 @@ def _take(iterator, n):
 
 
 def _prompts(batches):
-  return [_text(ids) for b in batches for ids in b["text_ids"]]
+  return [data_testlib.decode(ids) for b in batches for ids in b["text_ids"]]
 
 
 def _assert_matches_spec(batch, spec):
@@ -83,12 +70,12 @@ def test_icl_batch_matches_spec_and_padding(tmp_path):
     _assert_matches_spec(batch, spec)
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     for row in range(4):
-      group = int(_text(batch["text_ids"][row])[1:])
+      group = int(data_testlib.decode(batch["text_ids"][row])[1:])
       slots = batch["exemplar_mask"][row]
       count = int(slots.sum())
       assert 1 <= count <= 1 + group % 3  # A subset of those present.
       assert slots[:count].all() and not slots[count:].any()
-      captions = [_text(ids) for ids in batch["exemplar_text_ids"][row][:count]]
+      captions = [data_testlib.decode(ids) for ids in batch["exemplar_text_ids"][row][:count]]
       assert len(set(captions)) == count
       assert all(c.startswith(f"g{group} e") for c in captions)
       assert not batch["exemplar_text_mask"][row][count:].any()
@@ -105,7 +92,7 @@ def test_caption_and_synthetic_batches_match_spec(tmp_path):
       str(tmp_path / "cap"), map(records.serialize_caption_example, examples), 2)
   cfg = DataConfig(kind="caption_tfrecord", pattern=paths[0][:-15] + "*")
   common = dict(image_size=SIZE, text_len=TEXT_LEN, batch_size=4,
-                tokenizer=_Bytes())
+                tokenizer=data_testlib.ByteTokenizer())
   caption_spec = data_input.batch_spec(SIZE, TEXT_LEN, None, 4)
   batches = _take(data_input.make_input(cfg, max_exemplars=None, **common), 2)
   for batch in batches:

@@ -28,6 +28,8 @@ from suti_jax.data import input as data_input
 from suti_jax.data import records
 from suti_jax.eval import dreambench
 
+import data_testlib
+
 # Just over the default budget: a valid, cheap (17 KB) image today's decoders accept.
 OVER = 4097
 
@@ -111,17 +113,6 @@ def test_in_graph_decode_checks_pixel_budget_from_header(data):
 # ---- Training records --------------------------------------------------------
 
 
-class _Bytes:
-  """Byte tokenizer: id = byte + 1, 0 = padding."""
-
-  def encode(self, texts, max_length):
-    ids = np.zeros((len(texts), max_length), np.int32)
-    for i, text in enumerate(texts):
-      data = list(text.encode("utf-8"))[:max_length]
-      ids[i, :len(data)] = np.array(data, np.int32) + 1
-    return ids, ids > 0
-
-
 def _caption_record(i: int, image: bytes) -> bytes:
   return records.serialize_caption_example(records.CaptionExample(image, f"c{i}"))
 
@@ -147,7 +138,7 @@ def test_bomb_in_a_training_record_fails_or_is_skipped(tmp_path, kind, field):
     cfg = DataConfig(kind=kind, pattern=path, shuffle_buffer=1, corrupt_policy=policy)
     return data_input.make_input(
         cfg, image_size=8, text_len=8, max_exemplars=2 if icl else None,
-        batch_size=2, tokenizer=_Bytes(), num_epochs=1)
+        batch_size=2, tokenizer=data_testlib.ByteTokenizer(), num_epochs=1)
 
   with pytest.raises(records.RecordError) as info:
     list(make_input("fail"))
