@@ -28,6 +28,7 @@ from bench import suti_step  # noqa: E402
 from configs import imagen_base64  # noqa: E402
 from configs import suti_base64  # noqa: E402
 from suti_jax.inference import Pipeline, random_stage  # noqa: E402
+from suti_jax.train import experiment as experiment_lib  # noqa: E402
 from suti_jax.train import loop  # noqa: E402
 
 NAME = "loop_efficiency"
@@ -72,7 +73,7 @@ def sampling_images_per_s(size: int, prompts: int, steps: int, calls: int) -> di
   """Batched personalisation of one subject: `prompts` images per call."""
   c = suti_base64.get_config("tiny")
   c.model.image_size = size
-  stage = random_stage(c, jax.random.PRNGKey(0))
+  stage = random_stage(experiment_lib.sections(c), jax.random.PRNGKey(0))
   pipeline = Pipeline([stage])
   rng = np.random.default_rng(0)
   exemplars = [rng.integers(0, 256, (size, size, 3), np.uint8) for _ in range(3)]
