@@ -72,7 +72,9 @@ def loop_examples_per_s(config, source) -> float:
 def sampling_images_per_s(size: int, prompts: int, steps: int, calls: int) -> dict[str, Any]:
   """Batched personalisation of one subject: `prompts` images per call."""
   c = suti_base64.get_config("tiny")
-  c.model.image_size = size
+  # Attention (self and exemplar) on the lower of the tiny UNet's two levels.
+  c.model.update(image_size=size, attention_resolutions=(size // 2,))
+  c.model.exemplar.attention_resolutions = (size // 2,)
   stage = random_stage(experiment_lib.sections(c), jax.random.PRNGKey(0))
   pipeline = Pipeline([stage])
   rng = np.random.default_rng(0)
