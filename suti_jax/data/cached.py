@@ -69,6 +69,7 @@ class CachedInput:
     self._identity = dict(identity, cache=True)
     self._seed = identity["seed"]
     self._epoch = self._position = 0
+    self._order_epoch, self._order_cache = -1, np.zeros(0, np.int64)
     self._images = np.stack([e["image"] for e in elements])
     self._text_ids, self._text_mask = _encode(tokenizer, [e["prompt"] for e in elements],
                                               text_len)
@@ -125,7 +126,7 @@ class CachedInput:
       self._epoch, self._position = self._epoch + 1, 0
     if self._num_epochs is not None and self._epoch >= self._num_epochs:
       raise StopIteration
-    order = np.random.default_rng([self._seed, self._epoch]).permutation(n)
+    order = self._order()
     positions = range(self._position, self._position + self._batch_size)
     rows = order[positions.start:positions.stop]
     self._position = positions.stop
@@ -134,6 +135,14 @@ class CachedInput:
     if self._max_exemplars is not None:
       batch.update(self._choose_exemplars(rows, positions))
     return batch
+
+  def _order(self) -> np.ndarray:
+    """This epoch's permutation, drawn once per epoch rather than once per batch."""
+    if self._order_epoch != self._epoch:
+      self._order_cache = np.random.default_rng([self._seed, self._epoch]).permutation(
+          len(self._images))
+      self._order_epoch = self._epoch
+    return self._order_cache
 
   def _choose_exemplars(self, rows: np.ndarray, positions: range) -> dict[str, np.ndarray]:
     ex, k_max = self._exemplars, self._max_exemplars
