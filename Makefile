@@ -27,11 +27,11 @@ $(TESTDEPS): $(CORE) requirements-test.lock
 	$(PIP) install --no-deps -r requirements-test.lock
 	touch $@
 
-# RETRAIN_BASE=1 trains the demo's base from scratch instead of installing the shipped one.
+# RETRAIN=base,judges trains those shipped artefacts (pretrained/demo_*) from scratch.
 # The demo is the CPU demo: JAX_PLATFORMS=cpu keeps libtpu (installed by the test lock
 # for AOT tests) from probing for a TPU; set JAX_PLATFORMS to override.
 demo: $(CORE)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PYTHON) -m launch.demo $(if $(RETRAIN_BASE),--retrain_base)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PYTHON) -m launch.demo $(if $(RETRAIN),--retrain=$(RETRAIN))
 
 test: $(TESTDEPS)
 	@$(call RUN_PYTEST,-n 2 tests)

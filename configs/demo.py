@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The text-to-image base is pretrained on a broad caption corpus (subjects
   # disjoint from the held-out ones), as Imagen is before SuTI's apprenticeship.
   # Its checkpoint ships in `base_pretrained`; the stage installs it when the
-  # recorded fingerprint matches this config, else (or with --retrain_base) trains.
+  # recorded fingerprint matches this config, else (or with --retrain=base) trains.
   c.corpus = ml_collections.ConfigDict(dict(
       num_subjects=64 if small else 1500, num_examples=256 if small else 12000, seed=1))
   c.base = _stage(imagen_base64, steps=20 if small else BASE_STEPS,
@@ -80,11 +80,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=40 if small else 60, batch_size=2, learning_rate=2e-3,
       max_parallel_experts=4 if small else 12))
   # Judges: trained on their own subjects (disjoint from web and held-out ones), on
-  # 16 px renders read by a 32 px CNN. Held-out accuracy is in REPORT.md.
+  # 16 px renders read by a 32 px CNN. Held-out accuracy is in REPORT.md. Like the
+  # base they depend on their own config only and ship pretrained
+  # (`judges_pretrained`, installed when the fingerprint matches).
   c.judges = ml_collections.ConfigDict(dict(
-      image_size=16, num_subjects=24 if small else 600, steps=20 if small else 800,
+      image_size=16, num_subjects=24 if small else 1500, steps=20 if small else 3000,
       scenes_per_subject=8, num_heldout_subjects=4 if small else 24,
       batch_size=16 if small else 64, seed=7))
+  c.judges_pretrained = "" if small else "pretrained/demo_judges"
   # Fidelity filter on the judges' scores: a target's subject cosine to its
   # exemplars must reach the bar (the judge's calibrated same-subject threshold is
   # about 0.66; 0.4 drops clear failures without starving SuTI of groups). The

@@ -272,3 +272,55 @@ def test_bootstrap_interval_resamples_subjects():
   assert evaluate.bootstrap_interval(values, groups) == (low, high)  # Seeded.
   # Identical subjects: no spread at all.
   assert evaluate.bootstrap_interval(np.full(6, 0.3), groups) == pytest.approx((0.3, 0.3))
+
+
+def test_shipped_artefact_exports_and_installs_whole(tmp_path):
+  from suti_jax.demo import pretrained
+
+  source = tmp_path / "trained" / "7"
+  source.mkdir(parents=True)
+  (source / "weights").write_text("w7")
+  shipped = str(tmp_path / "shipped")
+  pretrained.export(str(source), shipped, "checkpoints/7", {"fingerprint": "abc", "step": 7})
+  assert pretrained.read_recipe(shipped) == {"fingerprint": "abc", "step": 7}
+  target = tmp_path / "wd" / "checkpoints"
+  target.mkdir(parents=True)
+  (target / "stale").write_text("old run")
+  assert pretrained.install(shipped, "checkpoints", str(target))["step"] == 7
+  assert sorted(os.listdir(target)) == ["7"]
+  assert (target / "7" / "weights").read_text() == "w7"
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".shipped-")]
+
+  assert pretrained.read_recipe(str(tmp_path / "nothing")) is None
+  with pytest.raises(FileNotFoundError, match="no judges/ folder"):
+    pretrained.install(shipped, "judges", str(tmp_path / "j"))
+  with pytest.raises(FileNotFoundError, match="recipe.json"):
+    pretrained.install(str(tmp_path / "nothing"), "checkpoints", str(target))
+  with pytest.raises(FileNotFoundError, match="nothing to ship"):
+    pretrained.export(str(tmp_path / "missing"), shipped, "checkpoints/1", {"fingerprint": ""})
+
+
+def test_demo_installs_shipped_judges_only_for_their_recipe(tmp_path):
+  from configs import demo as demo_config
+  from launch.demo import recipe
+
+  shipped = str(tmp_path / "shipped_judges")
+  trained = recipe.Demo(demo_config.get_config("small"), str(tmp_path / "a"), str(tmp_path / "r"),
+                        save_to={"judges": shipped}).train_judges()
+  assert "installed_from" not in trained
+
+  config = demo_config.get_config("small")
+  config.judges_pretrained = shipped
+  installed = recipe.Demo(config, str(tmp_path / "b"), str(tmp_path / "r")).train_judges()
+  assert installed["installed_from"] == shipped
+  assert installed["report"] == json.loads(json.dumps(trained["report"]))
+  for judge in ("subject", "text"):
+    for name in ("config.json", "params.msgpack"):
+      a = open(os.path.join(trained["paths"][judge], name), "rb").read()
+      assert open(os.path.join(installed["paths"][judge], name), "rb").read() == a
+
+  config.judges.steps += 1  # Another recipe: the shipped judges do not fit it.
+  retrained = recipe.Demo(config, str(tmp_path / "c"), str(tmp_path / "r")).train_judges()
+  assert "installed_from" not in retrained
+  with pytest.raises(ValueError, match="unknown shipped artefacts"):
+    recipe.Demo(config, str(tmp_path / "d"), str(tmp_path / "r"), retrain=("judge",))

@@ -2,8 +2,8 @@
 `launch.demo.recipe.run`; a re-run skips finished stages and resumes an interrupted one.
 
   python -m launch.demo [--workdir=workdirs/demo] [--config=configs/demo.py[:small]]
-  python -m launch.demo --retrain_base     # train the base instead of installing
-                                           # the shipped pretrained/demo_base
+  python -m launch.demo --retrain=base,judges   # train the shipped artefacts
+                                                # (pretrained/demo_*) from scratch
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo",
                                "Checkpoints, ICL groups, generated images and stage markers.")
 _REPORT_DIR = flags.DEFINE_string("report_dir", "reports/demo",
                                   "Where REPORT.md, metrics.json and the grids go.")
-_RETRAIN_BASE = flags.DEFINE_bool(
-    "retrain_base", False, "Train the text-to-image base from scratch even where the shipped "
-    "checkpoint (config.base_pretrained) was made by this config's recipe.")
+_RETRAIN = flags.DEFINE_list(
+    "retrain", [], "Shipped artefacts (base, judges) to train from scratch even where the "
+    "shipped one (config.base_pretrained, config.judges_pretrained) was made by this "
+    "config's recipe.")
 _SAVE_BASE_TO = flags.DEFINE_string(
     "save_base_to", "", "After training the base, write it and its recipe fingerprint there "
-    "as a shipped checkpoint (e.g. pretrained/demo_base).")
-
+    "as a shipped artefact (e.g. pretrained/demo_base).")
+_SAVE_JUDGES_TO = flags.DEFINE_string(
+    "save_judges_to", "", "After training the judges, write them, their held-out report and "
+    "their recipe fingerprint there as a shipped artefact (e.g. pretrained/demo_judges).")
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
@@ -38,8 +41,10 @@ def main(argv: Sequence[str]) -> None:
     # The stages' progress bars say what is happening; library INFO logs would bury them.
     logging.set_verbosity(logging.WARNING)
 
-  recipe.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value, retrain_base=_RETRAIN_BASE.value,
-           save_base_to=_SAVE_BASE_TO.value)
+  save_to = {name: path for name, path in (("base", _SAVE_BASE_TO.value),
+                                            ("judges", _SAVE_JUDGES_TO.value)) if path}
+  recipe.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value, retrain=_RETRAIN.value,
+             save_to=save_to)
   print(f"report: {_REPORT_DIR.value}/REPORT.md", flush=True)
 
 

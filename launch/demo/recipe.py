@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
 import jax
 import ml_collections
@@ -33,6 +33,12 @@ from suti_jax.train import loop
 from suti_jax.train import preemption
 
 
+# Artefacts the repository ships pretrained: name -> (config key of the shipped
+# folder, payload folder inside it). Each is installed when its recipe fingerprint
+# matches the config, else trained (and exported with `save_to`).
+SHIPPED = {"base": ("base_pretrained", "checkpoints"), "judges": ("judges_pretrained", "judges")}
+
+
 class Preempted(RuntimeError):
   """A training stage stopped early (SIGTERM); re-running resumes it."""
 
@@ -52,10 +58,24 @@ class Demo:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str,
                watcher: preemption.PreemptionWatcher | None = None, *,
-               retrain_base: bool = False, save_base_to: str = ""):
+               retrain: Collection[str] = (), save_to: Mapping[str, str] | None = None):
+    """Binds the recipe to its folders.
+
+    Args:
+      config: `configs/demo.py` config.
+      workdir: intermediate outputs, checkpoints and done-markers.
+      report_dir: where REPORT.md, metrics.json and the grids go.
+      watcher: the SIGTERM watcher of the training stages (one is made if None).
+      retrain: shipped artefacts ('base', 'judges') to train even where the shipped
+        one was made by this config's recipe.
+      save_to: artefact name -> folder to export it to after training it.
+    """
     self.cfg = config
-    self.retrain_base = retrain_base
-    self.save_base_to = save_base_to
+    unknown = (set(retrain) | set(save_to or {})) - set(SHIPPED)
+    if unknown:
+      raise ValueError(f"unknown shipped artefacts {sorted(unknown)}; known: {list(SHIPPED)}")
+    self.retrain = frozenset(retrain)
+    self.save_to = dict(save_to or {})
     # One SIGTERM watcher for every training stage: stages may run on worker
     # threads, and only the main thread can install a signal handler.
     self.watcher = watcher or preemption.PreemptionWatcher()
@@ -117,24 +137,37 @@ class Demo:
     """What the base checkpoint depends on: its config and its corpus, not the web."""
     return [self.cfg.base.to_dict(), self.cfg.corpus.to_dict(), self.cfg.world.image_size]
 
+  def _install_shipped(self, name: str, target: str, fingerprint: str) -> dict[str, Any] | None:
+    """Installs the shipped artefact `name` into `target` and returns its recipe, or
+    returns None when the stage must train: nothing shipped, a retrain asked for,
+    or a shipped artefact made by another recipe."""
+    config_key, payload = SHIPPED[name]
+    shipped = self.cfg.get(config_key, "")
+    recipe = pretrained.read_recipe(shipped) if shipped else None
+    if recipe is None or name in self.retrain:
+      return None
+    if recipe["fingerprint"] != fingerprint:
+      tqdm.tqdm.write(f"{name}: this config's recipe differs from the shipped {shipped}; "
+                      "training from scratch")
+      return None
+    recipe = pretrained.install(shipped, payload, target)
+    tqdm.tqdm.write(f"{name}: installed the shipped {shipped}; --retrain={name} trains it "
+                    "from scratch")
+    return recipe
+
   def train_base(self) -> dict[str, Any]:
     checkpoints = self.path("base", "checkpoints")
-    shipped = self.cfg.get("base_pretrained", "")
-    recipe = pretrained.read_recipe(shipped) if shipped else None
     fingerprint = fingerprint_of(self.base_fingerprint())
-    if recipe is not None and not self.retrain_base:
-      if recipe["fingerprint"] == fingerprint:
-        recipe = pretrained.install(shipped, checkpoints)
-        tqdm.tqdm.write(f"train_base: installed the shipped checkpoint {shipped} (step "
-                        f"{recipe['step']}); --retrain_base trains it from scratch")
-        return {"paths": {"checkpoints": checkpoints}, "final": recipe["final"],
-                "installed_from": shipped}
-      tqdm.tqdm.write(f"train_base: this config's base recipe differs from the shipped "
-                      f"{shipped}; training the base from scratch")
+    recipe = self._install_shipped("base", checkpoints, fingerprint)
+    if recipe is not None:
+      return {"paths": {"checkpoints": checkpoints}, "final": recipe["final"],
+              "installed_from": self.cfg.base_pretrained}
     out = _train(self.cfg.base, self.path("base"), self.watcher, self.corpus_source())
-    if self.save_base_to:
-      pretrained.export(checkpoints, self.save_base_to, self.cfg.base.train.total_steps,
-                        {"fingerprint": fingerprint, "final": out["final"]})
+    if "base" in self.save_to:
+      step = self.cfg.base.train.total_steps
+      pretrained.export(os.path.join(checkpoints, str(step)), self.save_to["base"],
+                        f"{SHIPPED['base'][1]}/{step}",
+                        {"fingerprint": fingerprint, "final": out["final"], "step": step})
     return out
 
   def train_sr(self) -> dict[str, Any]:
@@ -142,13 +175,21 @@ class Demo:
 
   def train_judges(self) -> dict[str, Any]:
     j = self.cfg.judges
+    paths = {"subject": self.path("judges", "subject"), "text": self.path("judges", "text")}
+    fingerprint = fingerprint_of(j.to_dict())
+    recipe = self._install_shipped("judges", self.path("judges"), fingerprint)
+    if recipe is not None:
+      return {"paths": paths, "report": recipe["report"],
+              "installed_from": self.cfg.judges_pretrained}
     subject, text, scores = judges_lib.train_judges(
         j.image_size, j.num_subjects, j.steps, j.seed, scenes_per_subject=j.scenes_per_subject,
         num_heldout_subjects=j.num_heldout_subjects, batch_size=j.batch_size)
-    subject.save(self.path("judges", "subject"))
-    text.save(self.path("judges", "text"))
-    return {"paths": {"subject": self.path("judges", "subject"),
-                      "text": self.path("judges", "text")}, "report": scores}
+    subject.save(paths["subject"])
+    text.save(paths["text"])
+    if "judges" in self.save_to:
+      pretrained.export(self.path("judges"), self.save_to["judges"], SHIPPED["judges"][1],
+                        {"fingerprint": fingerprint, "report": scores})
+    return {"paths": paths, "report": scores}
 
   def build_groups(self, version: str, renderer: str) -> dict[str, Any]:
     p = self.cfg.pipeline
@@ -198,15 +239,23 @@ class Demo:
             judges_lib.TextJudge.load(self.path("judges", "text")))
 
   def learning_curve(self, version: str) -> dict[str, Any]:
-    """Held-out fidelity of SuTI at each of its saved training steps."""
+    """Held-out fidelity of SuTI at each of its saved training steps.
+
+    The last step's images are the headline's (`generate`: same checkpoint, key
+    and sampler), so they are read back rather than rendered again.
+    """
     method = f"suti_{version}"
     key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), evaluate.METHODS.index(method))
     subject_judge, text_judge = self.judges()
+    steps = checkpoint_lib.checkpoint_steps(self.path(method))
     points = []
-    for step in checkpoint_lib.checkpoint_steps(self.path(method)):
-      out = evaluate.suti(load_stage(self.path(method), step=step), self.eval_set, key,
-                          self.cfg.eval.sampling_steps)
-      scores = evaluate.score(out.images, self.eval_set, subject_judge, text_judge)
+    for step in steps:
+      if step == steps[-1]:
+        images = np.load(self.path("eval", f"{method}.npz"))["images"]
+      else:
+        images = evaluate.suti(load_stage(self.path(method), step=step), self.eval_set, key,
+                               self.cfg.eval.sampling_steps).images
+      scores = evaluate.score(images, self.eval_set, subject_judge, text_judge)
       points.append({"step": step, **{m: float(np.mean(scores[m])) for m in
                                       ("subject_fidelity", "subject_match", "text_fidelity")}})
     return {"points": points}
@@ -301,9 +350,9 @@ class Demo:
          ("train_base",)),
         ("generate_text_only", lambda: self.generate("text_only"), steps, ("train_base",)),
         ("curve_suti_v2", lambda: self.learning_curve("v2"), steps,
-         ("train_judges", "train_suti_v2")),
+         ("train_judges", "train_suti_v2", "generate_suti_v2")),
         ("curve_suti_v1", lambda: self.learning_curve("v1"), steps,
-         ("train_judges", "train_suti_v1")),
+         ("train_judges", "train_suti_v1", "generate_suti_v1")),
         ("evaluate", self.evaluate, None,
          ("train_judges", "generate_suti_v2", "generate_suti_v1", "generate_dreambooth",
           "generate_text_only")),
@@ -327,15 +376,16 @@ class Demo:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "reports/demo", *,
-        retrain_base: bool = False, save_base_to: str = "") -> dict[str, dict[str, Any]]:
+        retrain: Collection[str] = (),
+        save_to: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
   """Runs (or resumes) the demo.
 
   Args:
     config: `configs/demo.py` config.
     workdir: intermediate outputs, checkpoints and done-markers.
     report_dir: where REPORT.md, metrics.json and the grids go.
-    retrain_base: train the base even where the shipped checkpoint fits.
-    save_base_to: after training the base, write it there as a shipped checkpoint.
+    retrain: shipped artefacts ('base', 'judges') to train even where they fit.
+    save_to: artefact name -> folder to write it to as a shipped artefact after training.
 
   Returns:
     stage name -> marker (outputs, wall_s, skipped).
@@ -345,8 +395,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "repo
   compile_cache.enable(os.path.join(workdir, "jax_cache"))
   watcher = preemption.PreemptionWatcher().install()
   try:
-    demo = Demo(config, workdir, report_dir, watcher, retrain_base=retrain_base,
-                save_base_to=save_base_to)
+    demo = Demo(config, workdir, report_dir, watcher, retrain=retrain, save_to=save_to)
     return StageRunner(demo.workdir).run(demo.stages(), workers=config.get("workers", 1))
   finally:
     watcher.close()

@@ -1,5 +1,9 @@
-"""The demo's shipped base checkpoint: a recipe fingerprint beside an Orbax step,
-installed into a workdir when the fingerprint matches, exported after a retrain.
+"""The demo's shipped artefacts (the base checkpoint, the judges): a recipe fingerprint
+beside a payload folder, installed into a workdir when the fingerprint matches and
+exported after a retrain.
+
+A shipped artefact is a folder holding `recipe.json` (at least 'fingerprint') and
+the payload, e.g. `checkpoints/<step>/` for the base or `judges/` for the judges.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import tempfile
 from typing import Any
 
 RECIPE_FILE = "recipe.json"
-CHECKPOINTS = "checkpoints"
 # Relative paths in the config are taken from the repository root when the
 # working directory does not hold them (the demo can run from anywhere).
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,7 +28,7 @@ def resolve(path: str) -> str:
 
 
 def read_recipe(directory: str) -> dict[str, Any] | None:
-  """The shipped checkpoint's recipe record, or None if there is none."""
+  """The shipped artefact's recipe record, or None if there is none."""
   try:
     with open(os.path.join(resolve(directory), RECIPE_FILE)) as f:
       return json.load(f)
@@ -33,12 +36,25 @@ def read_recipe(directory: str) -> dict[str, Any] | None:
     return None
 
 
-def install(directory: str, checkpoints_dir: str) -> dict[str, Any]:
-  """Copies the shipped checkpoint's step folders into `checkpoints_dir`.
+def _replace_atomically(build, destination: str) -> None:
+  """Builds `destination` in a sibling temporary folder, then swaps it in whole, so
+  a crash leaves either the old folder or the new one, never half of one."""
+  parent = os.path.dirname(os.path.abspath(destination))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".shipped-")
+  build(os.path.join(tmp, "new"))
+  shutil.rmtree(destination, ignore_errors=True)
+  os.replace(os.path.join(tmp, "new"), destination)
+  os.rmdir(tmp)
+
+
+def install(directory: str, payload: str, target: str) -> dict[str, Any]:
+  """Copies the shipped artefact's payload folder to `target`.
 
   Args:
-    directory: the shipped checkpoint (recipe.json + checkpoints/<step>/).
-    checkpoints_dir: a stage's `<workdir>/checkpoints`; replaced whole.
+    directory: the shipped artefact (recipe.json + payload).
+    payload: the payload folder inside it, e.g. 'checkpoints' or 'judges'.
+    target: where the payload goes in the workdir; replaced whole.
 
   Returns:
     The recipe record.
@@ -46,38 +62,33 @@ def install(directory: str, checkpoints_dir: str) -> dict[str, Any]:
   recipe = read_recipe(directory)
   if recipe is None:
     raise FileNotFoundError(f"no {RECIPE_FILE} in {resolve(directory)}")
-  # Copied beside the target, then renamed: a crash leaves no half checkpoint.
-  parent = os.path.dirname(os.path.abspath(checkpoints_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".install-")
-  shutil.copytree(os.path.join(resolve(directory), CHECKPOINTS), os.path.join(tmp, "c"))
-  shutil.rmtree(checkpoints_dir, ignore_errors=True)
-  os.replace(os.path.join(tmp, "c"), checkpoints_dir)
-  os.rmdir(tmp)
+  source = os.path.join(resolve(directory), payload)
+  if not os.path.isdir(source):
+    raise FileNotFoundError(f"shipped artefact {resolve(directory)} has no {payload}/ folder")
+  _replace_atomically(lambda dst: shutil.copytree(source, dst), target)
   return recipe
 
 
-def export(checkpoints_dir: str, directory: str, step: int, recipe: dict[str, Any]) -> str:
-  """Writes `checkpoints_dir/<step>` and `recipe` as a shipped checkpoint at `directory`.
+def export(source: str, directory: str, payload: str, recipe: dict[str, Any]) -> str:
+  """Writes the folder `source` as `directory/payload` beside `recipe`.
 
   Args:
-    checkpoints_dir: the trained stage's checkpoints.
-    directory: destination (replaced whole, atomically).
-    step: the step to ship.
-    recipe: what `install` returns later: at least 'fingerprint' and 'final'.
+    source: the trained folder to ship (e.g. `<workdir>/base/checkpoints/3000`).
+    directory: destination artefact (replaced whole, atomically).
+    payload: path of the payload inside it (e.g. 'checkpoints/3000', 'judges').
+    recipe: what `install` returns later: at least 'fingerprint'.
 
   Returns:
     The destination path.
   """
-  source = os.path.join(checkpoints_dir, str(step))
   if not os.path.isdir(source):
-    raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints_dir}")
+    raise FileNotFoundError(f"nothing to ship: {source} is not a folder")
+
+  def build(dst: str) -> None:
+    shutil.copytree(source, os.path.join(dst, payload))
+    with open(os.path.join(dst, RECIPE_FILE), "w") as f:
+      json.dump(recipe, f, indent=1, sort_keys=True)
+
   directory = os.path.abspath(directory)
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=".export-")
-  shutil.copytree(source, os.path.join(tmp, CHECKPOINTS, str(step)))
-  with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
-    json.dump(dict(recipe, step=step), f, indent=1, sort_keys=True)
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(tmp, directory)
+  _replace_atomically(build, directory)
   return directory
