@@ -18,7 +18,7 @@ OPTIONS = ("small",)
 
 
 # Steps of the shipped base checkpoint (pretrained/demo_base, 2 idle cores: see README).
-BASE_STEPS = 3000
+BASE_STEPS = 7500
 # SuTI training steps of each of the two models (v2, v1).
 SUTI_STEPS = 600
 
@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # base they depend on their own config only and ship pretrained
   # (`judges_pretrained`, installed when the fingerprint matches).
   c.judges = ml_collections.ConfigDict(dict(
-      image_size=16, num_subjects=24 if small else 1500, steps=20 if small else 3000,
+      image_size=16, num_subjects=24 if small else 3000, steps=20 if small else 4000,
       scenes_per_subject=8, num_heldout_subjects=4 if small else 24,
       batch_size=16 if small else 64, seed=7))
   c.judges_pretrained = "" if small else "pretrained/demo_judges"
