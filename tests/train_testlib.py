@@ -96,9 +96,12 @@ def random_batch(sec, seed: int = 0):
 
 
 def compile_on(exp, mesh):
-  """(abstract state, state shardings, compiled step) of `exp` on `mesh`."""
+  """(abstract state, state shardings, step(state, batch)) of `exp` on `mesh`; the
+  step is the compiled train step with the run's T5 params (seed init) bound."""
   from suti_jax.train import experiment  # pylint: disable=import-outside-toplevel
   from suti_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-  abstract, shardings, batch = experiment.sharded_shapes(exp, mesh)
-  return abstract, shardings, step_lib.compile_train_step(exp.step_fn, abstract, batch, mesh,
-                                                         exp.sec.rules)
+  shapes = experiment.sharded_shapes(exp, mesh)
+  compiled = step_lib.compile_train_step(exp.step_fn, shapes.state, shapes.batch, shapes.text,
+                                         mesh, exp.sec.rules)
+  text = experiment.create_text_params(exp, shapes.text)
+  return shapes.state, shapes.shardings, lambda state, batch: compiled(state, batch, text)

@@ -31,7 +31,7 @@ class Tokenizer(Protocol):
 
 
 def batch_spec(image_size: int, text_len: int, max_exemplars: int | None,
-               batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+               batch_size: int, text_dim: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes and dtypes of one host-local batch (docs/architecture.md).
 
   Args:
@@ -39,6 +39,8 @@ def batch_spec(image_size: int, text_len: int, max_exemplars: int | None,
     text_len: L, tokens per text (`TextEncoderConfig.max_length`).
     max_exemplars: K (`ExemplarConfig.max_exemplars`); None = no exemplar keys.
     batch_size: B, the per-process batch size.
+    text_dim: D of precomputed T5 embeddings (`text_emb`, `exemplar_text_emb`);
+      None = the batch carries none.
 
   Returns:
     key -> jax.ShapeDtypeStruct.
@@ -56,6 +58,11 @@ def batch_spec(image_size: int, text_len: int, max_exemplars: int | None,
         exemplar_text_ids=jax.ShapeDtypeStruct((b, k, l), np.int32),
         exemplar_text_mask=jax.ShapeDtypeStruct((b, k, l), np.bool_),
         exemplar_mask=jax.ShapeDtypeStruct((b, k), np.bool_))
+  if text_dim is not None:
+    spec["text_emb"] = jax.ShapeDtypeStruct((b, l, text_dim), np.float32)
+    if max_exemplars is not None:
+      spec["exemplar_text_emb"] = jax.ShapeDtypeStruct((b, max_exemplars, l, text_dim),
+                                                       np.float32)
   return spec
 
 
