@@ -62,7 +62,8 @@ def _input(exp: experiment_lib.Experiment, source: Any) -> input_lib.InputIterat
       max_exemplars=experiment_lib.max_exemplars(sec),
       batch_size=experiment_lib.per_process_batch_size(sec, jax.process_count()),
       tokenizer=tokenizers.build_tokenizer(sec.text), process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=sec.train.seed, source=source)
+      process_count=jax.process_count(), seed=sec.train.seed, source=source,
+      text_dim=sec.text.d_model if experiment_lib.precomputed(sec) else None)
 
 
 def _text_params(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpointer,
