@@ -3,6 +3,7 @@
 naming the file and field of a record without them or of a wrong shape."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,14 @@ import tensorflow as tf
 
 from configs import common
 from data_pipeline import embed_text
+import train_testlib as tl
+from train_testlib import fast_compiles  # noqa: F401  (autouse fixture)
+from suti_jax import inference
 from suti_jax.config import DataConfig, TextEncoderConfig, section
 from suti_jax.data import input as data_input
 from suti_jax.data import records
 from suti_jax.models import text
+from suti_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = dataclasses.replace(section(TextEncoderConfig, common.text_encoder(tiny=True)),
@@ -42,7 +47,7 @@ def _groups(n=6):
       score_text=0.5, source_urls=["u"], expert="e", pipeline="p") for i in range(n)]
 
 
-def _captions(n=6):
+def _captions(n=16):
   rng = np.random.default_rng(1)
   return [records.CaptionExample(image=_png(rng), caption=f"a red toy number {i}",
                                  url=f"http://x/{i}", example_id=f"c{i}") for i in range(n)]
@@ -69,7 +74,7 @@ def embedded(tmp_path_factory):
   caps = records.write_tfrecords(str(root / "raw" / "cap"),
                                  [records.serialize_caption_example(c) for c in _captions()], 2)
   summary = embed_text.run_pipeline(str(root / "raw" / "*"), str(root / "out"), cfg, batch_size=4)
-  assert summary == {"files": 4, "embed/records": 12, "embed/texts": 6 + 12 + 6}
+  assert summary == {"files": 4, "embed/records": 6 + 16, "embed/texts": 6 + 12 + 16}
   return dict(root=root, cfg=cfg, encoder=encoder, raw={"icl": icl, "cap": caps})
 
 
@@ -154,9 +159,30 @@ def test_embed_text_cli(embedded, tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
   assert result.returncode == 0, result.stderr[-2000:]
-  assert '"embed/records": 3' in result.stdout
+  assert '"embed/records": 8' in result.stdout
   stage_output = _read(str(embedded["root"] / "out" / os.path.basename(raw)))
   cli_output = _read(str(tmp_path / os.path.basename(raw)))
   for a, b in zip(stage_output, cli_output, strict=True):
     np.testing.assert_allclose(records.parse_caption_example(a).caption_embedding,
                                records.parse_caption_example(b).caption_embedding, **TOL)
+
+
+def test_training_on_embedded_records_holds_no_t5(embedded, tmp_path):
+  """A run on precomputed embeddings saves no T5 beside its checkpoints; sampling
+  then restores the encoder the records were embedded with (text.weights_path)."""
+  c = tl.micro_config(total_steps=2)
+  c.text.max_length = TEXT.max_length
+  c.text.weights_path = embedded["cfg"].weights_path
+  c.data.update(kind="caption_tfrecord", pattern=str(embedded["root"] / "out" / "cap-*"),
+                precomputed_embeddings=True)
+  result = loop.run(c, str(tmp_path))
+  assert result["step"] == 2 and np.isfinite(result["train/loss"])
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    assert [json.loads(line)["step"] for line in f if "train/loss" in line] == [1, 2]
+  stage = inference.load_stage(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(stage.text_params),
+               jax.device_get(embedded["encoder"].params))
+  images = inference.Pipeline([stage]).text_to_image(["a red toy"], 1, jax.random.PRNGKey(0),
+                                                     num_steps=2)
+  assert images.shape == (1, stage.image_size, stage.image_size, 3)
