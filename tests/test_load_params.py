@@ -5,13 +5,11 @@ loading a stage builds no optimizer."""
 
 import json
 import os
-from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import struct
 
 import train_testlib as tl
 from train_testlib import fast_compiles  # noqa: F401  (autouse fixture)
@@ -49,29 +47,6 @@ def saved(tmp_path_factory):
               meta={})
   ckpt.close()
   return str(workdir), abstract, abstract_text, jax.device_get(state), jax.device_get(text)
-
-
-class _LegacyState(struct.PyTreeNode):
-  """The TrainState layout of checkpoints written before the T5 left the state."""
-
-  step: Any
-  params: Any
-  ema_params: Any
-  opt_state: Any
-  text_params: Any
-
-
-def _write_legacy(directory, state, text, config):
-  """Step 3 as the old trainer wrote it: T5 inside the `state` item, no text_encoder/."""
-  legacy = _LegacyState(step=state.step, params=state.params, ema_params=state.ema_params,
-                        opt_state=state.opt_state, text_params=text)
-  manager = ocp.CheckpointManager(directory, item_names=checkpoint_lib.ITEMS,
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(3, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(legacy), data_iter=ocp.args.JsonSave({}),
-      config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave({})))
-  manager.wait_until_finished()
-  manager.close()
 
 
 def test_load_params_reads_params_or_ema_and_text(saved):
@@ -114,7 +89,7 @@ def test_checkpoint_with_t5_in_its_state_still_restores_and_samples(saved, tmp_p
   workdir, abstract, abstract_text, state, text = saved
   config = checkpoint_lib.read_config(workdir)[0]
   old = str(tmp_path / "checkpoints")
-  _write_legacy(old, state, text, config)
+  tl.write_legacy_checkpoint(old, 3, state, text, data_iter={}, config=config, meta={})
   assert checkpoint_lib.load_text_params(old, abstract_text) is not None
   ckpt = checkpoint_lib.Checkpointer(old, every_steps=0, keep=3)
   restored, _, _ = ckpt.restore(abstract)
