@@ -28,6 +28,7 @@ from suti_jax.train import step as step_lib  # noqa: E402
 NAME = "sharding_memory"
 QUESTION = ("Under fsdp over N devices, how many bytes of params + optimizer state does each "
             "device hold for the paper-size Imagen base64, relative to an even split total/N?")
+# TrainState fields, then the T5 params a run that encodes text in the step holds.
 FIELDS = ("params", "opt_state", "ema_params", "text_params")
 GIB = 2**30
 
@@ -47,9 +48,9 @@ def _bytes(tree: Any, shardings: Any | None) -> int:
 
 
 def state_bytes(exp: experiment_lib.Experiment, counts: list[int]) -> list[dict[str, Any]]:
-  """Per-device bytes of each state field under fsdp over each device count.
+  """Per-device bytes of each state field (and the in-step T5) under fsdp over each N.
 
-  Shapes come from one `jax.eval_shape` of the state init; nothing is allocated.
+  Shapes come from one `jax.eval_shape` of each init; nothing is allocated.
 
   Args:
     exp: the experiment.
@@ -61,14 +62,17 @@ def state_bytes(exp: experiment_lib.Experiment, counts: list[int]) -> list[dict[
   with nn.logical_axis_rules(exp.sec.rules):
     boxed = jax.eval_shape(exp.init, jax.random.PRNGKey(0))
   unboxed = nn.unbox(boxed)
-  totals = {f: _bytes(getattr(unboxed, f), None) for f in FIELDS}
+  trees = {f: getattr(unboxed, f) for f in FIELDS[:-1]}
+  trees["text_params"] = experiment_lib.abstract_text(exp, suti_step.fsdp_mesh(jax.devices()[:1]))
+  totals = {f: _bytes(trees[f], None) for f in FIELDS}
   rows = []
   for n in counts:
     mesh = suti_step.fsdp_mesh(jax.devices()[:n])
     shardings = state_lib.state_shardings(boxed, mesh, exp.sec.rules)
-    rows.append({"devices": n, "total": totals,
-                 "per_device": {f: _bytes(getattr(unboxed, f), getattr(shardings, f))
-                                for f in FIELDS}})
+    per_device = {f: _bytes(trees[f], getattr(shardings, f)) for f in FIELDS[:-1]}
+    text = experiment_lib.abstract_text(exp, mesh)
+    per_device["text_params"] = _bytes(text, jax.tree.map(lambda x: x.sharding, text))
+    rows.append({"devices": n, "total": totals, "per_device": per_device})
   return rows
 
 
@@ -77,9 +81,9 @@ def compiled_bytes(exp: experiment_lib.Experiment, counts: list[int]) -> list[di
   rows = []
   for n in counts:
     mesh = suti_step.fsdp_mesh(jax.devices()[:n])
-    abstract, _, abstract_batch = experiment_lib.sharded_shapes(exp, mesh)
-    compiled = step_lib.compile_train_step(exp.step_fn, abstract, abstract_batch, mesh,
-                                           exp.sec.rules)
+    shapes = experiment_lib.sharded_shapes(exp, mesh)
+    compiled = step_lib.compile_train_step(exp.step_fn, shapes.state, shapes.batch, shapes.text,
+                                           mesh, exp.sec.rules)
     memory = compiled.memory_analysis()
     rows.append({"devices": n, "argument": int(memory.argument_size_in_bytes),
                  "temp": int(memory.temp_size_in_bytes),

@@ -88,7 +88,7 @@ class CompiledStep:
   """The compiled train step of a config on a mesh, with its state and a batch.
 
   Calling the object runs one step and waits for it. Attributes: `exp`,
-  `mesh`, `state`, `batch`, `compiled`, `flops` (per device per step),
+  `mesh`, `state`, `text` (the step's T5 params), `batch`, `compiled`, `flops` (per device per step),
   `memory` (compiled memory analysis), `unet_params`, `text_params`.
   """
 
@@ -104,24 +104,26 @@ class CompiledStep:
     sec = experiment_lib.sections(config)
     self.exp = experiment_lib.build(sec)
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(sec.mesh)
-    abstract, shardings, abstract_batch = experiment_lib.sharded_shapes(self.exp, self.mesh)
+    abstract, shardings, abstract_batch, abstract_text = experiment_lib.sharded_shapes(
+        self.exp, self.mesh)
     # XLA:CPU compiles threefry slowly (the init draws every parameter: ~3x the
     # CPU time of RBG measured at the micro size); values do not matter for
     # timing. The step itself is compiled with the default PRNG, as in training.
     with jax.default_prng_impl("rbg"):
       self.state = state_lib.create_state(self.exp.init, shardings,
                                           jax.random.PRNGKey(sec.train.seed), sec.rules)
+      self.text = experiment_lib.create_text_params(self.exp, abstract_text)
     self.compiled = step_lib.compile_train_step(self.exp.step_fn, abstract, abstract_batch,
-                                                self.mesh, sec.rules)
+                                                abstract_text, self.mesh, sec.rules)
     host = random_batch(abstract_batch, sec.text.vocab_size, seed)
     self.batch = sharding_lib.global_batch(host, self.mesh, sec.rules)
     self.flops = metrics_lib.compiled_flops(self.compiled)
     self.memory = metrics_lib.memory_summary(self.compiled)
     self.unet_params = num_params(abstract.params)
-    self.text_params = num_params(abstract.text_params)
+    self.text_params = num_params(abstract_text)
 
   def __call__(self) -> None:
-    self.state, metrics = self.compiled(self.state, self.batch)
+    self.state, metrics = self.compiled(self.state, self.batch, self.text)
     jax.block_until_ready((self.state, metrics))
 
 
@@ -146,9 +148,9 @@ def compile_sampler(step: CompiledStep, num_images: int, num_steps: int):
   exp = dataclasses.replace(step.exp, sec=dataclasses.replace(sec, sampling=sampling))
   jitted = samples_lib.make_sampler(exp, step.mesh, num_images)
   key = jax.random.PRNGKey(0)
-  compiled = jitted.lower(step.state, step.batch, key).compile()
+  compiled = jitted.lower(step.state, step.text, step.batch, key).compile()
 
   def call():
-    return jax.block_until_ready(compiled(step.state, step.batch, key))
+    return jax.block_until_ready(compiled(step.state, step.text, step.batch, key))
 
   return call, compiled

@@ -79,7 +79,7 @@ def skeleton(stage: str) -> ml_collections.ConfigDict:
   c.axis_rules = [list(r) for r in axes.DEFAULT_RULES]
   c.data = ml_collections.ConfigDict(dict(
       kind="synthetic", pattern="", shuffle_buffer=1000, corrupt_policy="fail", cache=False,
-      num_subjects=64, seed=0))
+      precomputed_embeddings=False, num_subjects=64, seed=0))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=2048, total_steps=2_500_000, seed=0, log_every_steps=100,
       checkpoint_every_steps=5000, keep_checkpoints=3, sample_every_steps=0,

@@ -129,7 +129,8 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
   sec = experiment.sections(config)
   exp = experiment.build(sec)
   mesh = mesh_lib.make_mesh(sec.mesh, devices=devices)
-  abstract, _, batch = experiment.sharded_shapes(exp, mesh)
+  shapes = experiment.sharded_shapes(exp, mesh)
+  abstract = shapes.state
   kind = devices[0].device_kind
   report = {"stage": sec.stage, "topology": topology, "num_slices": num_slices, "note": note,
             "mesh": mesh_lib.describe(mesh), "devices": len(devices), "device_kind": kind,
@@ -140,7 +141,8 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
             "hbm_bytes_per_device": HBM_BYTES.get(kind), "error": ""}
   start = time.perf_counter()
   try:
-    compiled = step_lib.compile_train_step(exp.step_fn, abstract, batch, mesh, sec.rules)
+    compiled = step_lib.compile_train_step(exp.step_fn, abstract, shapes.batch, shapes.text, mesh,
+                                           sec.rules)
   except Exception as e:  # pylint: disable=broad-except  (XLA raises JaxRuntimeError)
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

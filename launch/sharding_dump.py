@@ -44,8 +44,12 @@ def dump(config: Any, mesh_sizes: Sequence[int]) -> dict[str, dict[str, Any]]:
   sec = experiment.sections(config)
   data, fsdp, tensor = mesh_sizes
   mesh = mesh_lib.make_mesh(MeshConfig(ici_data=data, ici_fsdp=fsdp, ici_tensor=tensor))
-  abstract, _, _ = experiment.sharded_shapes(experiment.build(sec), mesh)
-  return sharding_lib.sharding_table(abstract)
+  shapes = experiment.sharded_shapes(experiment.build(sec), mesh)
+  state = shapes.state
+  # The step's T5 (None with precomputed embeddings) is listed with the state.
+  return sharding_lib.sharding_table(
+      {"step": state.step, "params": state.params, "ema_params": state.ema_params,
+       "opt_state": state.opt_state, "text_params": shapes.text})
 
 
 def main(argv: Sequence[str]) -> None:

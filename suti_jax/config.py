@@ -220,6 +220,9 @@ class DataConfig:
       in the scalar data/skipped_records).
     cache: read, decode and tokenise the source once and batch from host memory
       (`suti_jax.data.cached`): for data sets that fit in RAM, such as the demo's.
+    precomputed_embeddings: read the T5 embeddings the records carry
+      (`launch.embed_text`) instead of encoding text in the train step; the run
+      then holds no T5 params (`text.weights_path` names the encoder used).
   """
 
   kind: str = "synthetic"
@@ -227,6 +230,7 @@ class DataConfig:
   shuffle_buffer: int = 1000
   corrupt_policy: str = "fail"
   cache: bool = False
+  precomputed_embeddings: bool = False
   num_subjects: int = 64
   seed: int = 0
 

@@ -4,6 +4,7 @@ the NaN halt that keeps the last good checkpoint, SIGTERM -> save, exit 0, resum
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,30 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
   for c in states:
     c.close()
+
+
+def test_resume_from_a_checkpoint_with_t5_in_its_state(tmp_path):
+  """A run resumed from the old layout (T5 inside the state item) continues with
+  that T5, exactly as if uninterrupted, and from then on keeps it in text_encoder/."""
+  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+  loop.run(tl.micro_config(total_steps=4), whole, input_source=tl.caption_source())
+  loop.run(tl.micro_config(total_steps=2), split, input_source=tl.caption_source())
+  directory = os.path.join(split, "checkpoints")
+  exp = experiment.build(experiment.sections(tl.micro_config()))
+  mesh = mesh_lib.make_mesh(MeshConfig(ici_data=1, ici_fsdp=8))
+  abstract, _ = state_lib.abstract_sharded_state(exp.init, mesh, exp.sec.rules)
+  ckpt = checkpoint_lib.Checkpointer(directory, every_steps=0, keep=3)
+  state, data_iter, meta = ckpt.restore(abstract, 2)
+  ckpt.close()
+  text = checkpoint_lib.load_text_params(directory, experiment.abstract_text(exp, mesh))
+  config = checkpoint_lib.read_config(directory)[0]
+  for name in ("2", checkpoint_lib.TEXT_ENCODER_DIR):
+    shutil.rmtree(os.path.join(directory, name))
+  tl.write_legacy_checkpoint(directory, 2, state, text, data_iter=data_iter, config=config,
+                             meta=meta)
+  loop.run(tl.micro_config(total_steps=4), split, input_source=tl.caption_source())
+  assert _losses(whole) == _losses(split) and sorted(_losses(split)) == [1, 2, 3, 4]
+  assert os.path.isdir(os.path.join(directory, checkpoint_lib.TEXT_ENCODER_DIR))
 
 
 def test_non_finite_step_halts_and_keeps_last_good_checkpoint(tmp_path):

@@ -75,15 +75,17 @@ def saved_checkpoint(tmp_path_factory):
   mesh = mesh_lib.make_mesh(MeshConfig(), jax.devices()[:1])
   _, shardings = state_lib.abstract_sharded_state(exp.init, mesh, exp.sec.rules)
   state = state_lib.create_state(exp.init, shardings, jax.random.PRNGKey(0), exp.sec.rules)
+  text = experiment.create_text_params(exp, experiment.abstract_text(exp, mesh))
   ckpt = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), every_steps=1, keep=1)
+  ckpt.save_text_encoder(text)
   ckpt.save(5, state, data_iter={}, config=json.loads(config.to_json_best_effort()),
             meta={"stage": "suti_base64"})
   ckpt.close()
-  return str(workdir), config, jax.device_get(state)
+  return str(workdir), config, jax.device_get(state), jax.device_get(text)
 
 
 def test_export_with_mismatched_config_fails_clearly(saved_checkpoint, tmp_path):
-  workdir, _, _ = saved_checkpoint
+  workdir, _, _, _ = saved_checkpoint
   with pytest.raises(serving.ConfigMismatchError,
                      match=r"model.base_channels: checkpoint 8 != config 32"):
     serving.export_cascade([workdir], [experiment.sections(suti_base64.get_config("tiny"))],
@@ -92,11 +94,11 @@ def test_export_with_mismatched_config_fails_clearly(saved_checkpoint, tmp_path)
 
 
 def test_load_stage_and_serving_checkpoint_on_1_and_8_devices(saved_checkpoint, tmp_path):
-  workdir, _, state = saved_checkpoint
+  workdir, _, state, text = saved_checkpoint
   stage = inference.load_stage(workdir)
   assert stage.step == 5 and stage.stage == "suti_base64" and stage.max_exemplars == 2
   assert _tree_equal(stage.params, state.ema_params)
-  assert _tree_equal(stage.text_params, state.text_params)
+  assert _tree_equal(stage.text_params, text)
   for dtype in ("float32", "bfloat16"):
     directory = str(tmp_path / dtype)
     serving.save_serving_checkpoint([stage, stage], directory, dtype=dtype)

@@ -121,7 +121,7 @@ def test_convert_t5_cli_fails_naming_file_and_tensor(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   header = {"encoder.embed_tokens.weight": _entry(shape=[8, 4], offsets=[0, 128])}
   (tmp_path / "model.safetensors").write_bytes(_file(header, bytes(16)))
-  output = tmp_path / "t5.msgpack"
+  output = tmp_path / "t5_orbax"
   result = subprocess.run(
       [sys.executable, "-m", "launch.convert_t5", f"--input={tmp_path}",
        f"--output={output}"], cwd=ROOT, capture_output=True, text=True, timeout=300,

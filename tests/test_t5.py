@@ -58,8 +58,8 @@ def _apply(cfg, params, ids, mask):
 
 @pytest.fixture(scope="module")
 def tiny_params():
-  """Random TINY params; built through the loader so its compile is shared."""
-  return text.load_text_encoder(TINY, jax.random.key(3)).params
+  """Random TINY params, still boxed with their logical axis names."""
+  return jax.jit(t5.init_t5_params, static_argnums=0)(TINY, jax.random.key(3))
 
 
 def _reference(model, ids, mask):
@@ -190,7 +190,7 @@ def test_bfloat16_close_to_float32(hf):
 def test_text_encoder_from_converted_weights(hf, tmp_path):
   model, folder = hf
   arch, params = text.load_hf_encoder(str(folder))
-  path = str(tmp_path / "t5.msgpack")
+  path = str(tmp_path / "t5")
   text.save_params(path, params)
   cfg = dataclasses.replace(arch, weights_path=path, max_length=24)
   encoder = text.load_text_encoder(cfg)
@@ -206,12 +206,14 @@ def test_text_encoder_from_converted_weights(hf, tmp_path):
   # (measured 1.5e-6 on values up to 2.8), a mixed-up row would be O(1).
   np.testing.assert_allclose(pre, emb, atol=1e-5, rtol=1e-5)
   with pytest.raises(text.CheckpointError, match="layers_2"):
-    text.load_params(path, dataclasses.replace(cfg, num_layers=3))
+    text.load_text_encoder(dataclasses.replace(cfg, num_layers=3))
+  with pytest.raises(text.CheckpointError, match="'token_embedder/embedding' has shape"):
+    text.load_text_encoder(dataclasses.replace(cfg, vocab_size=300))
 
 
 def test_convert_cli_round_trip(hf, tmp_path):
   _, folder = hf
-  out = tmp_path / "cli.msgpack"
+  out = tmp_path / "cli"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
       [sys.executable, "-m", "launch.convert_t5", f"--input={folder}",
@@ -219,21 +221,22 @@ def test_convert_cli_round_trip(hf, tmp_path):
       cwd=root, capture_output=True, text=True, check=True, timeout=120)
   assert "--config.text.vocab_size=259" in result.stdout
   cfg, params = text.load_hf_encoder(str(folder))
-  loaded = text.load_params(str(out), dataclasses.replace(cfg, dtype="bfloat16"))
+  loaded = text.load_text_encoder(
+      dataclasses.replace(cfg, dtype="bfloat16", weights_path=str(out))).params
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(
       np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32)),
-               nn.unbox(loaded), params)
+               loaded, params)
 
 
 def test_load_text_encoder_random_and_errors(tiny_params):
   first = text.load_text_encoder(TINY, jax.random.key(3))
   other = text.load_text_encoder(TINY, jax.random.key(4))
-  jax.tree.map(np.testing.assert_array_equal, first.params, tiny_params)
+  jax.tree.map(np.testing.assert_array_equal, first.params, nn.unbox(tiny_params))
   emb = [e.encode(["a red car"])[0] for e in (first, other)]
   assert not np.allclose(emb[0], emb[1])
   assert emb[0].shape == (1, TINY.max_length, TINY.d_model)
-  missing = dataclasses.replace(TINY, weights_path="/nonexistent/t5.msgpack")
-  with pytest.raises(FileNotFoundError, match="/nonexistent/t5.msgpack"):
+  missing = dataclasses.replace(TINY, weights_path="/nonexistent/t5")
+  with pytest.raises(FileNotFoundError, match="/nonexistent/t5"):
     text.load_text_encoder(missing)
   with pytest.raises(ValueError, match="259 ids"):
     text.TextEncoder(dataclasses.replace(TINY, vocab_size=100),
@@ -271,3 +274,26 @@ def test_sharded_forward_matches_unsharded(tiny_params):
     out = jax.jit(t5.T5Encoder(cfg).apply)({"params": sharded}, ids, mask)
   # Sharded matmuls sum their partial products in another order (measured 3e-6).
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_orbax_weights_restore_into_their_shardings(tiny_params, tmp_path):
+  """Saved T5 weights come back on 8 devices already split per their logical axes
+  (fsdp shards `embed`, tensor shards `heads` / `mlp`), values intact."""
+  from suti_jax.config import MeshConfig  # pylint: disable=import-outside-toplevel
+  from suti_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from suti_jax.parallel import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "t5")
+  text.save_params(path, tiny_params)
+  mesh = mesh_lib.make_mesh(MeshConfig(ici_data=2, ici_fsdp=2, ici_tensor=2))
+  rules = sharding_lib.normalize_rules(axes.DEFAULT_RULES)
+  abstract = text.abstract_params(TINY, mesh, rules)
+  restored = text.restore_params(path, abstract)
+  query = restored["layers_0"]["attention"]["query"]
+  assert query.sharding == jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("fsdp", "tensor", None))
+  assert query.addressable_shards[0].data.shape == (query.shape[0] // 2, query.shape[1] // 2,
+                                                    query.shape[2])
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
+    assert got.sharding == want.sharding and got.dtype == want.dtype
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
+               jax.device_get(nn.unbox(tiny_params)))

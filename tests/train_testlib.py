@@ -96,9 +96,41 @@ def random_batch(sec, seed: int = 0):
 
 
 def compile_on(exp, mesh):
-  """(abstract state, state shardings, compiled step) of `exp` on `mesh`."""
+  """(abstract state, state shardings, step(state, batch)) of `exp` on `mesh`; the
+  step is the compiled train step with the run's T5 params (seed init) bound."""
   from suti_jax.train import experiment  # pylint: disable=import-outside-toplevel
   from suti_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-  abstract, shardings, batch = experiment.sharded_shapes(exp, mesh)
-  return abstract, shardings, step_lib.compile_train_step(exp.step_fn, abstract, batch, mesh,
-                                                         exp.sec.rules)
+  shapes = experiment.sharded_shapes(exp, mesh)
+  compiled = step_lib.compile_train_step(exp.step_fn, shapes.state, shapes.batch, shapes.text,
+                                         mesh, exp.sec.rules)
+  text = experiment.create_text_params(exp, shapes.text)
+  return shapes.state, shapes.shardings, lambda state, batch: compiled(state, batch, text)
+
+
+def write_legacy_checkpoint(directory, step, state, text, *, data_iter, config, meta):
+  """Writes `step` as the trainer did before the T5 left the TrainState: the T5
+  params as a `text_params` field of the `state` item, no `text_encoder/`."""
+  # pylint: disable=import-outside-toplevel
+  from typing import Any
+
+  import orbax.checkpoint as ocp
+  from flax import struct
+
+  from suti_jax.train import checkpoint as checkpoint_lib
+
+  class LegacyState(struct.PyTreeNode):
+    step: Any
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    text_params: Any
+
+  legacy = LegacyState(step=state.step, params=state.params, ema_params=state.ema_params,
+                       opt_state=state.opt_state, text_params=text)
+  manager = ocp.CheckpointManager(directory, item_names=checkpoint_lib.ITEMS,
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(legacy), data_iter=ocp.args.JsonSave(data_iter),
+      config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)))
+  manager.wait_until_finished()
+  manager.close()

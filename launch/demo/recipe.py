@@ -37,6 +37,9 @@ from suti_jax.train import preemption
 # folder, payload folder inside it). Each is installed when its recipe fingerprint
 # matches the config, else trained (and exported with `save_to`).
 SHIPPED = {"base": ("base_pretrained", "checkpoints"), "judges": ("judges_pretrained", "judges")}
+# (config section, key) -> the value the shipped base (pretrained/demo_base) was
+# trained with, for keys the config gained after it was trained.
+_KEYS_AFTER_SHIPPED_BASE = {("data", "precomputed_embeddings"): False}
 
 
 class Preempted(RuntimeError):
@@ -134,8 +137,16 @@ class Demo:
 
   # Training.
   def base_fingerprint(self) -> Any:
-    """What the base checkpoint depends on: its config and its corpus, not the web."""
-    return [self.cfg.base.to_dict(), self.cfg.corpus.to_dict(), self.cfg.world.image_size]
+    """What the base checkpoint depends on: its config and its corpus, not the web.
+
+    Config keys added after the shipped base was trained are left out while they
+    hold the value it was trained with, so that it still installs.
+    """
+    base = self.cfg.base.to_dict()
+    for (section, key), value in _KEYS_AFTER_SHIPPED_BASE.items():
+      if base[section].get(key) == value:
+        del base[section][key]
+    return [base, self.cfg.corpus.to_dict(), self.cfg.world.image_size]
 
   def _install_shipped(self, name: str, target: str, fingerprint: str) -> dict[str, Any] | None:
     """Installs the shipped artefact `name` into `target` and returns its recipe, or
@@ -165,8 +176,9 @@ class Demo:
     out = _train(self.cfg.base, self.path("base"), self.watcher, self.corpus_source())
     if "base" in self.save_to:
       step = self.cfg.base.train.total_steps
-      pretrained.export(os.path.join(checkpoints, str(step)), self.save_to["base"],
-                        f"{SHIPPED['base'][1]}/{step}",
+      # The whole checkpoints folder: its one kept step (train.keep_checkpoints=1)
+      # and the run's T5 beside it (`checkpoint.TEXT_ENCODER_DIR`).
+      pretrained.export(checkpoints, self.save_to["base"], SHIPPED["base"][1],
                         {"fingerprint": fingerprint, "final": out["final"], "step": step})
     return out
 

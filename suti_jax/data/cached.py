@@ -73,6 +73,9 @@ class CachedInput:
     self._images = np.stack([e["image"] for e in elements])
     self._text_ids, self._text_mask = _encode(tokenizer, [e["prompt"] for e in elements],
                                               text_len)
+    # Precomputed T5 embeddings, when the source reads them (sources.Pipeline).
+    self._text_emb = (np.stack([e["prompt_emb"] for e in elements])
+                      if "prompt_emb" in elements[0] else None)
     if max_exemplars is not None:
       self._exemplars = self._pack_exemplars(elements, tokenizer, text_len)
 
@@ -82,15 +85,19 @@ class CachedInput:
     """Every element's exemplars (all of them, up to the largest group), padded."""
     counts = np.array([len(e["exemplar_captions"]) for e in elements])
     n, k = len(elements), int(counts.max())
-    shape = elements[0]["exemplar_images"].shape[1:]
-    images = np.zeros((n, k) + shape, np.float32)
+    packed = {"images": np.zeros((n, k) + elements[0]["exemplar_images"].shape[1:], np.float32)}
+    if "exemplar_caption_embs" in elements[0]:
+      packed["embs"] = np.zeros((n, k) + elements[0]["exemplar_caption_embs"].shape[1:],
+                                np.float32)
+    sources = {"images": "exemplar_images", "embs": "exemplar_caption_embs"}
     captions = [""] * (n * k)
     for i, e in enumerate(elements):
-      images[i, :counts[i]] = e["exemplar_images"]
+      for name, array in packed.items():
+        array[i, :counts[i]] = e[sources[name]]
       captions[i * k:i * k + counts[i]] = list(e["exemplar_captions"])
     ids, mask = _encode(tokenizer, captions, text_len)
-    return {"counts": counts, "images": images, "ids": ids.reshape(n, k, text_len),
-            "mask": mask.reshape(n, k, text_len)}
+    return {"counts": counts, "ids": ids.reshape(n, k, text_len),
+            "mask": mask.reshape(n, k, text_len), **packed}
 
   @property
   def num_skipped(self) -> int:
@@ -132,6 +139,8 @@ class CachedInput:
     self._position = positions.stop
     batch = {"image": self._images[rows], "text_ids": self._text_ids[rows],
              "text_mask": self._text_mask[rows]}
+    if self._text_emb is not None:
+      batch["text_emb"] = self._text_emb[rows]
     if self._max_exemplars is not None:
       batch.update(self._choose_exemplars(rows, positions))
     return batch
@@ -156,10 +165,14 @@ class CachedInput:
       slot_mask[i, :count] = True
     gather = lambda a: a[rows[:, None], slots]  # noqa: E731
     mask = gather(ex["mask"]) & slot_mask[..., None]
-    return {"exemplar_images": np.where(slot_mask[..., None, None, None],
-                                        gather(ex["images"]), 0.0).astype(np.float32),
-            "exemplar_text_ids": np.where(mask, gather(ex["ids"]), 0).astype(np.int32),
-            "exemplar_text_mask": mask, "exemplar_mask": slot_mask}
+    out = {"exemplar_images": np.where(slot_mask[..., None, None, None],
+                                       gather(ex["images"]), 0.0).astype(np.float32),
+           "exemplar_text_ids": np.where(mask, gather(ex["ids"]), 0).astype(np.int32),
+           "exemplar_text_mask": mask, "exemplar_mask": slot_mask}
+    if "embs" in ex:
+      out["exemplar_text_emb"] = np.where(slot_mask[..., None, None], gather(ex["embs"]),
+                                          0.0).astype(np.float32)
+    return out
 
 
 def _encode(tokenizer: Any, texts: list[Any], text_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ class Tokenizer(Protocol):
 
 
 def batch_spec(image_size: int, text_len: int, max_exemplars: int | None,
-               batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+               batch_size: int, text_dim: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes and dtypes of one host-local batch (docs/architecture.md).
 
   Args:
@@ -39,6 +39,8 @@ def batch_spec(image_size: int, text_len: int, max_exemplars: int | None,
     text_len: L, tokens per text (`TextEncoderConfig.max_length`).
     max_exemplars: K (`ExemplarConfig.max_exemplars`); None = no exemplar keys.
     batch_size: B, the per-process batch size.
+    text_dim: D of precomputed T5 embeddings (`text_emb`, `exemplar_text_emb`);
+      None = the batch carries none.
 
   Returns:
     key -> jax.ShapeDtypeStruct.
@@ -56,6 +58,11 @@ def batch_spec(image_size: int, text_len: int, max_exemplars: int | None,
         exemplar_text_ids=jax.ShapeDtypeStruct((b, k, l), np.int32),
         exemplar_text_mask=jax.ShapeDtypeStruct((b, k, l), np.bool_),
         exemplar_mask=jax.ShapeDtypeStruct((b, k), np.bool_))
+  if text_dim is not None:
+    spec["text_emb"] = jax.ShapeDtypeStruct((b, l, text_dim), np.float32)
+    if max_exemplars is not None:
+      spec["exemplar_text_emb"] = jax.ShapeDtypeStruct((b, max_exemplars, l, text_dim),
+                                                       np.float32)
   return spec
 
 
@@ -75,8 +82,13 @@ def _select_exemplars(out: dict[str, tf.Tensor], max_exemplars: int,
   captions = tf.concat([tf.gather(captions, chosen), tf.fill([pad], "")], 0)
   exemplars.set_shape([max_exemplars] + exemplars.shape[1:].as_list())
   captions.set_shape([max_exemplars])
-  return dict(out, exemplar_images=exemplars, exemplar_captions=captions,
-              exemplar_mask=tf.range(max_exemplars) < count)
+  chosen_out = dict(exemplar_images=exemplars, exemplar_captions=captions,
+                    exemplar_mask=tf.range(max_exemplars) < count)
+  if "exemplar_caption_embs" in out:
+    embs = tf.pad(tf.gather(out["exemplar_caption_embs"], chosen), [[0, pad], [0, 0], [0, 0]])
+    embs.set_shape([max_exemplars] + out["exemplar_caption_embs"].shape[1:].as_list())
+    chosen_out["exemplar_caption_embs"] = embs
+  return dict(out, **chosen_out)
 
 
 class InputIterator:
@@ -253,6 +265,8 @@ class InputIterator:
     text_ids, text_mask = self._encode(raw["prompt"])
     batch = {"image": raw["image"], "text_ids": text_ids,
              "text_mask": text_mask}
+    if "prompt_emb" in raw:
+      batch["text_emb"] = raw["prompt_emb"]
     if self._max_exemplars is not None:
       slot_mask = raw["exemplar_mask"]
       ids, mask = self._encode(raw["exemplar_captions"])
@@ -261,6 +275,8 @@ class InputIterator:
       batch.update(exemplar_images=raw["exemplar_images"],
                    exemplar_text_ids=np.where(mask, ids, 0),
                    exemplar_text_mask=mask, exemplar_mask=slot_mask)
+      if "exemplar_caption_embs" in raw:
+        batch["exemplar_text_emb"] = raw["exemplar_caption_embs"]
     return batch
 
 
@@ -269,7 +285,8 @@ def make_input(data_cfg: DataConfig, *, image_size: int, text_len: int,
                tokenizer: Tokenizer, process_index: int | None = None,
                process_count: int | None = None, seed: int = 0,
                source: Callable[[], Iterable[Any]] | Iterable[Any] | None = None,
-               num_epochs: int | None = None) -> InputIterator | cached.CachedInput:
+               num_epochs: int | None = None,
+               text_dim: int | None = None) -> InputIterator | cached.CachedInput:
   """Builds this process's input for `data_cfg.kind`.
 
   Args:
@@ -288,10 +305,12 @@ def make_input(data_cfg: DataConfig, *, image_size: int, text_len: int,
       a dict with target_image, target_prompt, exemplar_images (same-shape
       uint8 [H, W, 3] each), exemplar_captions. Same order every call.
     num_epochs: stop after this many epochs; None = forever.
+    text_dim: D of the records' T5 embeddings; required by (and only read
+      with) `data_cfg.precomputed_embeddings`.
 
   Returns:
     The iterator; batches match `batch_spec(image_size, text_len,
-    max_exemplars, batch_size)`.
+    max_exemplars, batch_size, text_dim)`.
   """
   if data_cfg.kind not in KINDS:
     raise ValueError(f"data.kind {data_cfg.kind!r} not in {KINDS}")
@@ -305,6 +324,12 @@ def make_input(data_cfg: DataConfig, *, image_size: int, text_len: int,
   if data_cfg.kind != "synthetic" and icl != (data_cfg.kind == "icl_tfrecord"):
     raise ValueError(f"data.kind {data_cfg.kind!r} does not match "
                      f"max_exemplars={max_exemplars}")
+  embedding_shape = None
+  if data_cfg.precomputed_embeddings:
+    if data_cfg.kind == "synthetic" or text_dim is None:
+      raise ValueError("data.precomputed_embeddings reads T5 embeddings from TFRecords: it "
+                       f"needs a tfrecord data.kind (got {data_cfg.kind!r}) and text_dim")
+    embedding_shape = (text_len, text_dim)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   mixed_seed = int(np.random.SeedSequence([data_cfg.seed, seed])
@@ -315,7 +340,8 @@ def make_input(data_cfg: DataConfig, *, image_size: int, text_len: int,
   if data_cfg.kind == "synthetic":
     pipeline = sources.memory_pipeline(source, **common)
   else:
-    pipeline = sources.tfrecord_pipeline(data_cfg.pattern, **common)
+    pipeline = sources.tfrecord_pipeline(data_cfg.pattern, embedding_shape=embedding_shape,
+                                         **common)
   identity = dict(kind=data_cfg.kind, seed=mixed_seed, batch_size=batch_size,
                   process_index=process_index, process_count=process_count)
   reader = cached.CachedInput if data_cfg.cache else InputIterator

@@ -33,6 +33,19 @@ CAPTION_FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "caption": tf.io.FixedLenFeature([], tf.string),
 }
+# Frozen T5 outputs (`launch.embed_text`), float32 values plus their shape:
+# the prompt or caption [L, D], an ICL group's exemplar captions [K, L, D].
+ICL_EMBEDDINGS = ("embedding/prompt", "embedding/captions")
+CAPTION_EMBEDDINGS = ("embedding/caption",)
+
+
+def embedding_features(keys: Sequence[str]) -> dict[str, tf.io.VarLenFeature]:
+  """In-graph parse specs of embedding fields (checked against their shape after parsing)."""
+  features = {}
+  for key in keys:
+    features[key] = tf.io.VarLenFeature(tf.float32)
+    features[key + "_shape"] = tf.io.VarLenFeature(tf.int64)
+  return features
 
 
 class RecordError(ValueError):
@@ -82,6 +95,7 @@ class CaptionExample:
   caption: str
   url: str = ""
   example_id: str = ""
+  caption_embedding: np.ndarray | None = None  # [L, D], the frozen text encoder's output.
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -171,6 +185,7 @@ def serialize_caption_example(example: CaptionExample) -> bytes:
       "url": _bytes([example.url]),
       "example_id": _bytes([example.example_id]),
   }
+  _embedding(features, "embedding/caption", example.caption_embedding)
   proto = tf.train.Example(features=tf.train.Features(feature=features))
   return proto.SerializeToString(deterministic=True)
 
@@ -294,7 +309,63 @@ def parse_caption_example(serialized: bytes, *,
       caption=reader.texts("caption", scalar=True)[0],
       url=reader.texts("url", scalar=True)[0],
       example_id=reader.texts("example_id", scalar=True)[0],
+      caption_embedding=reader.embedding("embedding/caption"),
   )
+
+
+def embedded_texts(serialized: bytes, *, source: str = "<bytes>") -> dict[str, str | list[str]]:
+  """The texts whose T5 embeddings a record can carry, by embedding field.
+
+  Args:
+    serialized: an ICL group or caption example.
+    source: `record_source(path, index)`; prefixes errors.
+
+  Returns:
+    ICL: {'embedding/prompt': prompt, 'embedding/captions': [caption, ...]};
+    caption: {'embedding/caption': caption}. A str field holds one [L, D]
+    embedding, a list field [K, L, D].
+  """
+  reader = _Reader(serialized, source)
+  if reader.has("target/prompt"):
+    return {"embedding/prompt": reader.texts("target/prompt", scalar=True)[0],
+            "embedding/captions": reader.texts("exemplar/caption")}
+  return {"embedding/caption": reader.texts("caption", scalar=True)[0]}
+
+
+def with_embeddings(serialized: bytes, embeddings: dict[str, np.ndarray]) -> bytes:
+  """The record with `embeddings` (field -> float array) set; other fields byte-identical."""
+  example = tf.train.Example.FromString(serialized)
+  features: dict[str, tf.train.Feature] = {}
+  for key, value in embeddings.items():
+    _embedding(features, key, value)
+  for key, feature in features.items():
+    example.features.feature[key].CopyFrom(feature)
+  return example.SerializeToString(deterministic=True)
+
+
+def check_embeddings(record: ICLGroup | CaptionExample, source: str, text_len: int,
+                     text_dim: int) -> None:
+  """Raises RecordError unless `record` carries embeddings of the expected shapes.
+
+  Args:
+    record: a parsed ICL group or caption example.
+    source: `record_source(path, index)`, prefixes the error.
+    text_len: L, the text config's max_length.
+    text_dim: D, the text encoder's d_model.
+  """
+  if isinstance(record, ICLGroup):
+    fields = {"embedding/prompt": (record.prompt_embedding, (text_len, text_dim)),
+              "embedding/captions": (record.caption_embeddings,
+                                     (len(record.exemplar_captions), text_len, text_dim))}
+  else:
+    fields = {"embedding/caption": (record.caption_embedding, (text_len, text_dim))}
+  for key, (value, shape) in fields.items():
+    if value is None:
+      raise RecordError(source, key, "missing: data.precomputed_embeddings needs every record "
+                        "to carry T5 embeddings (write them with launch.embed_text)")
+    if value.shape != shape:
+      raise RecordError(source, key, f"shape {value.shape}, expected {shape} "
+                        "(text max_length, d_model)")
 
 
 def write_tfrecords(path_prefix: str, serialized_iter: Iterable[bytes],

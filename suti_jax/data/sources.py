@@ -115,7 +115,9 @@ class Pipeline:
     raw_epoch: epoch -> this process's raw elements, shuffled; a pure function
       of (seed, epoch), so an epoch can be rebuilt to resume or to explain.
     process: in-graph raw element -> {image, prompt[, exemplar_images,
-      exemplar_captions]} with all exemplars present; fails on a bad record.
+      exemplar_captions]} with all exemplars present, plus `prompt_emb` [L, D]
+      (and `exemplar_caption_embs` [K, L, D]) when the source reads precomputed
+      embeddings; fails on a bad record.
     explain: host-side, raises RecordError for a raw element `process`
       rejected; None for trusted in-memory sources (errors always propagate).
     damaged: TFRecord files found damaged so far; None for in-memory sources.
@@ -175,8 +177,24 @@ def _read_file(path: tf.Tensor, size: tf.Tensor, damaged: DamagedFiles) -> tf.da
   return marked.filter(lambda e: e["kind"] != _END)
 
 
+def _embedding_tf(parsed: dict[str, tf.Tensor], key: str, shape: tf.Tensor,
+                  checks: list[tf.Operation]) -> tf.Tensor:
+  """A parsed embedding field reshaped to `shape`; appends the check that it has it."""
+  values = tf.sparse.to_dense(parsed[key])
+  saved = tf.sparse.to_dense(parsed[key + "_shape"])
+  want = tf.cast(shape, tf.int64)
+  padded = lambda s: tf.pad(s, [[0, 3]])[:3]  # noqa: E731  (ranks 2 and 3)
+  same = tf.logical_and(tf.equal(tf.size(saved), tf.size(want)),
+                        tf.reduce_all(tf.equal(padded(saved), padded(want))))
+  checks.append(tf.debugging.Assert(
+      tf.logical_and(same, tf.equal(tf.cast(tf.size(values), tf.int64), tf.reduce_prod(want))),
+      [f"field '{key}': missing or not of shape", want]))
+  return _checked(checks, lambda: tf.reshape(values, shape))
+
+
 def _parse_tf(raw: dict[str, tf.Tensor], features: dict[str, Any],
-              image_size: int, icl: bool) -> dict[str, tf.Tensor]:
+              image_size: int, icl: bool,
+              embedding_shape: tuple[int, int] | None) -> dict[str, tf.Tensor]:
   """In-graph parse, validation, decode and resize of one TFRecord record."""
   readable = tf.debugging.Assert(
       tf.equal(raw["kind"], _OK), ["truncated or corrupt TFRecord data"])
@@ -207,13 +225,24 @@ def _parse_tf(raw: dict[str, tf.Tensor], features: dict[str, Any],
         fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                           tf.float32)))
     out["exemplar_captions"] = captions
+  if embedding_shape is not None:
+    prompt_key = "embedding/prompt" if icl else "embedding/caption"
+    out["prompt_emb"] = _embedding_tf(parsed, prompt_key, embedding_shape, checks)
+    if icl:
+      out["exemplar_caption_embs"] = _embedding_tf(
+          parsed, "embedding/captions", tf.concat([[count], embedding_shape], 0), checks)
   return out
 
 
 def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
                        process_index: int, process_count: int, seed: int,
-                       shuffle_buffer: int) -> Pipeline:
-  """Files sharded per process (records, if there are fewer files)."""
+                       shuffle_buffer: int,
+                       embedding_shape: tuple[int, int] | None = None) -> Pipeline:
+  """Files sharded per process (records, if there are fewer files).
+
+  `embedding_shape` (L, D): also read each text's precomputed T5 embedding; a
+  record without one, or of another shape, is rejected like any bad record.
+  """
   files = sorted(tf.io.gfile.glob(pattern)) if pattern else []
   if not files:
     raise FileNotFoundError(f"data.pattern {pattern!r} matches no files")
@@ -241,11 +270,17 @@ def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
       raise records.RecordError(source, "<tfrecord>",
                                 "truncated or corrupt TFRecord data; the rest "
                                 "of the file is unreadable")
-    parse(raw["record"], source=source)
+    record = parse(raw["record"], source=source)
+    if embedding_shape is not None:
+      records.check_embeddings(record, source, *embedding_shape)
 
-  features = records.ICL_FEATURES if icl else records.CAPTION_FEATURES
+  features = dict(records.ICL_FEATURES if icl else records.CAPTION_FEATURES)
+  if embedding_shape is not None:
+    features.update(records.embedding_features(
+        records.ICL_EMBEDDINGS if icl else records.CAPTION_EMBEDDINGS))
   return Pipeline(
-      raw_epoch, lambda raw: _parse_tf(raw, features, image_size, icl), explain, damaged)
+      raw_epoch, lambda raw: _parse_tf(raw, features, image_size, icl, embedding_shape), explain,
+      damaged)
 
 
 def _memory_element(example: Any, icl: bool, index: int) -> dict[str, Any]:

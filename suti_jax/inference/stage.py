@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from suti_jax import config as config_lib
 from suti_jax.models import unet as unet_lib
 from suti_jax.models.text import encoder as text_encoder_lib
-from suti_jax.models.text import t5
+from suti_jax.models.text import weights
 from suti_jax.parallel import mesh as mesh_lib
 from suti_jax.parallel import sharding as sharding_lib
 from suti_jax.train import checkpoint as checkpoint_lib
@@ -111,23 +111,33 @@ def abstract_params(spec: StageSpec, mesh: Mesh, rules: sharding_lib.Rules) -> t
     (UNet params, text params), both unboxed, sharded by their logical axes.
   """
 
-  def init(key):
-    unet_key, text_key = jax.random.split(key)
-    return (unet_lib.init_params(spec.model, unet_key, spec.text.max_length)["params"],
-            t5.init_t5_params(spec.text, text_key))
-
+  init = lambda key: unet_lib.init_params(spec.model, key, spec.text.max_length)["params"]
   with nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
   shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      nn.unbox(boxed), shardings)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(boxed), shardings)
+  return params, weights.abstract_params(spec.text, mesh, rules)
+
+
+def load_text_params(path: str, spec: StageSpec, abstract_text: Any, step: int) -> Any:
+  """The T5 a stage trained with: the one its run saved (or kept in its state),
+  else the `text.weights_path` its precomputed embeddings came from."""
+  text = checkpoint_lib.load_text_params(path, abstract_text, step)
+  if text is not None:
+    return text
+  if not spec.text.weights_path:
+    raise FileNotFoundError(f"{path}: the checkpoint holds no text encoder and its config has "
+                            "no text.weights_path")
+  return weights.restore_params(spec.text.weights_path, abstract_text)
 
 
 def load_stage(path: str, *, step: int | None = None, use_ema: bool = True,
                mesh: Mesh | None = None) -> StageModel:
   """Reads a stage from the trainer's Orbax checkpoint (params and config).
 
-  Only the (EMA) UNet params and the text params are read; the optimizer
+  Only the (EMA) UNet params and the T5 params (saved beside the steps, kept
+  in the state by older checkpoints, or `text.weights_path`) are read; the optimizer
   state stays on disk and no optimizer is built.
 
   Args:
@@ -142,10 +152,9 @@ def load_stage(path: str, *, step: int | None = None, use_ema: bool = True,
   config, step = checkpoint_lib.read_config(path, step)
   stage, spec, rules = stage_config(config)
   params, text_params = abstract_params(spec, mesh or default_mesh(), rules)
-  loaded = checkpoint_lib.load_params(path, params, use_ema=use_ema,
-                                      abstract_text_params=text_params, step=step)
+  loaded = checkpoint_lib.load_params(path, params, use_ema=use_ema, step=step)
   return StageModel(stage=stage, spec=spec, params=loaded.params,
-                    text_params=loaded.text_params, step=step,
+                    text_params=load_text_params(path, spec, text_params, step), step=step,
                     source=checkpoint_lib.checkpoint_directory(path), config=config)
 
 
@@ -166,4 +175,4 @@ def random_stage(sec: experiment_lib.Sections, key: jax.Array) -> StageModel:
   config = {"stage": sec.stage, **{name: config_lib.to_dict(getattr(sec, name))
                                    for name in MODEL_SECTIONS + ("sampling",)}}
   return StageModel(stage=sec.stage, spec=spec_from_sections(sec), params=init(key),
-                    text_params=nn.unbox(text.params), config=config)
+                    text_params=text.params, config=config)

@@ -1,6 +1,7 @@
 """One Orbax CheckpointManager per stage directory with items `state` (sharded
-arrays), `data_iter`, `config` and `meta` (JSON); async, atomic saves and
-restores straight into the target shardings of any mesh.
+arrays), `data_iter`, `config` and `meta` (JSON), plus the run's frozen T5 saved
+once beside the steps; async, atomic saves and restores straight into the
+target shardings of any mesh.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from suti_jax.models.text import weights
 from suti_jax.train.state import TrainState
 
 ITEMS = ("state", "data_iter", "config", "meta")
+# Inside the checkpoint directory (Orbax's step listing skips it): the frozen T5
+# of a run that encodes text in the step, written once, read by every sampler.
+TEXT_ENCODER_DIR = "text_encoder"
+# The field where checkpoints written before the T5 left the TrainState keep it.
+LEGACY_TEXT_FIELD = "text_params"
 # Orbax writes step N to 'N<suffix>' and renames it when complete; one left
 # behind is a save cut short by a crash.
 PARTIAL_SAVE_GLOB = "*.orbax-checkpoint-tmp*"
@@ -86,7 +93,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return  # Already saved (e.g. a preemption right after a periodic save).
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_iter=ocp.args.JsonSave(data_iter),
+        state=ocp.args.PyTreeSave(state), data_iter=ocp.args.JsonSave(data_iter),
         config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, abstract_state: TrainState,
@@ -114,9 +121,12 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint step {step} in {self.directory}; steps there: {steps}")
     cause = None
     try:
+      # Partial: a checkpoint from before the T5 left the state also holds
+      # `text_params` (`load_text_params` reads them).
       out = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore(),
+          state=_partial_restore(abstract_state), data_iter=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
+      _check_restored(out["state"])
     # Orbax and TensorStore raise ValueError, KeyError, OSError, ... for
     # damaged files, and tree errors for a missing _METADATA: any of them means
     # this step cannot be used.
@@ -136,6 +146,12 @@ class Checkpointer:
              "no earlier step is available; move it aside to start from scratch")
     return (f"checkpoint step {step} ({os.path.join(self.directory, str(step))}) cannot be "
             f"restored: damaged, or written for a different model ({cause}); {offer}")
+
+  def save_text_encoder(self, text_params: Any) -> None:
+    """Writes the run's frozen T5 params once (a no-op when already there)."""
+    path = os.path.join(self.directory, TEXT_ENCODER_DIR)
+    if not os.path.isdir(path):
+      weights.save_params(path, text_params)
 
   def discard_after(self, step: int) -> list[int]:
     """Moves steps after `step` out of the directory, to resume from `step`.
@@ -171,6 +187,21 @@ class Checkpointer:
     self._manager.close()
 
 
+def _partial_restore(target: Any) -> ocp.args.PyTreeRestore:
+  """Restores the fields of `target` (ShapeDtypeStructs with shardings) only."""
+  return ocp.args.PyTreeRestore(
+      item=target, partial_restore=True,
+      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target))
+
+
+def _check_restored(tree: Any) -> None:
+  """A partial restore leaves the ShapeDtypeStruct of a field the checkpoint lacks."""
+  missing = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+             if isinstance(x, jax.ShapeDtypeStruct)]
+  if missing:
+    raise KeyError(f"not in the checkpoint: {missing[:4]}")
+
+
 def _remove_partial_saves(directory: str) -> None:
   """Deletes step directories a crash left half-written (Orbax ignores them)."""
   for path in sorted(glob.glob(os.path.join(directory, PARTIAL_SAVE_GLOB))):
@@ -191,7 +222,7 @@ def restore_params(directory: str, abstract_params: Any, *, use_ema: bool = Fals
   """Reads only the (EMA) params of the latest checkpoint in `directory`.
 
   Used by `init_from` (SuTI from an Imagen run): the other state fields of the
-  source run (optimizer, text encoder) are not needed.
+  source run (optimizer) are not needed.
 
   Args:
     directory: a Checkpointer directory or the workdir holding it.
@@ -261,15 +292,14 @@ def read_config(path: str, step: int | None = None) -> tuple[dict[str, Any], int
 
 
 class LoadedParams(NamedTuple):
-  """What `load_params` read: UNet params, text params (or None) and their step."""
+  """What `load_params` read: UNet params and their step."""
 
   params: Any
-  text_params: Any
   step: int
 
 
 def load_params(path: str, abstract_params: Any, *, use_ema: bool,
-                abstract_text_params: Any = None, step: int | None = None) -> LoadedParams:
+                step: int | None = None) -> LoadedParams:
   """Reads a trained stage's params, and nothing else, onto the given shardings.
 
   The one way to restore params for sampling, export, experts and `init_from`:
@@ -279,23 +309,49 @@ def load_params(path: str, abstract_params: Any, *, use_ema: bool,
     path: a workdir or its `checkpoints` directory.
     abstract_params: ShapeDtypeStructs with shardings of the UNet params (any mesh).
     use_ema: read `ema_params` (what the trainer samples with) instead of `params`.
-    abstract_text_params: also read the frozen T5 params onto these; None = skip.
     step: default the latest.
 
   Returns:
-    LoadedParams laid out per the abstract trees.
+    LoadedParams laid out per `abstract_params`.
   """
   manager, step = _read_only_step(path, step)
   field = "ema_params" if use_ema else "params"
-  target = {field: abstract_params}
-  if abstract_text_params is not None:
-    target["text_params"] = abstract_text_params
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target,
-      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-      partial_restore=True)))["state"]
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=_partial_restore({field: abstract_params})))["state"]
   manager.close()
-  return LoadedParams(restored[field], restored.get("text_params"), step)
+  return LoadedParams(restored[field], step)
+
+
+def load_text_params(path: str, abstract_text: Any, step: int | None = None) -> Any | None:
+  """The frozen T5 params a run trained with, onto `abstract_text`'s shardings.
+
+  Looks in `<checkpoints>/text_encoder` (runs that encode text in the step),
+  then in the `text_params` field of step `step`'s state (checkpoints written
+  before the T5 left the TrainState).
+
+  Args:
+    path: a workdir or its `checkpoints` directory.
+    abstract_text: from `weights.abstract_params` (any mesh).
+    step: the step whose state a legacy checkpoint reads; default the latest.
+
+  Returns:
+    The params, or None when the run held none (precomputed embeddings: the
+    encoder is the config's `text.weights_path`).
+  """
+  directory = checkpoint_directory(path)
+  saved = os.path.join(directory, TEXT_ENCODER_DIR)
+  if os.path.isdir(saved):
+    return weights.restore_params(saved, abstract_text)
+  manager, step = _read_only_step(path, step)
+  state_dir = os.path.join(directory, str(step), "state")
+  fields = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  if LEGACY_TEXT_FIELD not in fields:
+    manager.close()
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=_partial_restore({LEGACY_TEXT_FIELD: abstract_text})))["state"]
+  manager.close()
+  return restored[LEGACY_TEXT_FIELD]
 
 
 def git_hash() -> str:

@@ -1,17 +1,16 @@
 """A config turned into the pieces of a run: typed sections, the UNet and T5
-modules, optimizer, state init, bound train step, and for a given mesh the
-abstract sharded state and batch (shared by training, AOT and sharding dumps).
+modules, where text embeddings come from, optimizer, state init, bound train
+step, and for a given mesh the abstract sharded state, batch and T5 params
+(shared by training, AOT and sharding dumps).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
@@ -21,6 +20,7 @@ from suti_jax.data import input as input_lib
 from suti_jax.models import surgery
 from suti_jax.models import unet as unet_lib
 from suti_jax.models.text import t5
+from suti_jax.models.text import weights
 from suti_jax.parallel import sharding as sharding_lib
 from suti_jax.train import optimizer as optimizer_lib
 from suti_jax.train import state as state_lib
@@ -68,6 +68,8 @@ class Experiment:
     sec: the typed config.
     model: the stage's UNet.
     encoder: the frozen T5 module.
+    embed: where the step's text embeddings come from: the batch
+      (`data.precomputed_embeddings`) or the T5 inside the step.
     tx: the optimizer.
     trainable: bool tree like params, or None when every param trains.
     init: key -> TrainState with logically boxed params.
@@ -77,36 +79,61 @@ class Experiment:
   sec: Sections
   model: unet_lib.UNet
   encoder: t5.T5Encoder
+  embed: step_lib.EmbedFn
   tx: optax.GradientTransformation
   trainable: Any
   init: Callable[[jax.Array], state_lib.TrainState]
   step_fn: Callable[..., Any]
 
 
-def _zeros_like_boxed(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+def precomputed(sec: Sections) -> bool:
+  """True when batches carry T5 embeddings, so the step holds no T5 params."""
+  return sec.data.precomputed_embeddings
 
 
 def build(sec: Sections) -> Experiment:
   """Builds the modules, optimizer, state init and bound step of `sec`."""
+  if precomputed(sec) and not sec.text.weights_path:
+    # Sampling encodes new prompts, so it needs the encoder that wrote the data.
+    raise ValueError("data.precomputed_embeddings needs config.text.weights_path: the T5 "
+                     "checkpoint the embeddings were computed with (launch.embed_text --t5)")
   init_params = lambda key: unet_lib.init_params(sec.model, key, sec.text.max_length)["params"]
-  if sec.text.weights_path:
-    # Real T5 weights are loaded into the created state (loop.py); zeros keep
-    # the init cheap while still carrying the logical axis boxes.
-    abstract_text = jax.eval_shape(t5.init_t5_params, sec.text, jax.random.PRNGKey(0))
-    init_text = lambda key: _zeros_like_boxed(abstract_text)
-  else:
-    init_text = functools.partial(t5.init_t5_params, sec.text)
   trainable = None
   if sec.optimizer.trainable != "all":
     abstract_params = nn.unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
     trainable = surgery.trainable_mask(abstract_params, sec.optimizer.trainable)
   tx = optimizer_lib.make_optimizer(sec.optimizer, trainable)
   model, encoder = unet_lib.UNet(sec.model), t5.T5Encoder(sec.text)
-  step_fn = step_lib.build_step_fn(model, encoder, sec.diffusion, sec.optimizer, tx, trainable,
+  embed = (step_lib.precomputed_embeddings if precomputed(sec)
+           else step_lib.in_step_embeddings(encoder))
+  step_fn = step_lib.build_step_fn(model, embed, sec.diffusion, sec.optimizer, tx, trainable,
                                    sec.train.seed)
-  return Experiment(sec=sec, model=model, encoder=encoder, tx=tx, trainable=trainable,
-                    init=state_lib.make_init_fn(init_params, init_text, tx), step_fn=step_fn)
+  return Experiment(sec=sec, model=model, encoder=encoder, embed=embed, tx=tx,
+                    trainable=trainable, init=state_lib.make_init_fn(init_params, tx),
+                    step_fn=step_fn)
+
+
+def text_init_key(seed: int) -> jax.Array:
+  """The key of a random T5 init (the second half of the state init's split)."""
+  return jax.random.split(jax.random.PRNGKey(seed))[1]
+
+
+def abstract_text(exp: Experiment, mesh: Mesh) -> Any:
+  """The step's T5 params as sharded ShapeDtypeStructs; None with precomputed embeddings."""
+  if precomputed(exp.sec):
+    return None
+  return weights.abstract_params(exp.sec.text, mesh, exp.sec.rules)
+
+
+def create_text_params(exp: Experiment, abstract: Any) -> Any:
+  """The step's T5 params on `abstract`'s shardings: `text.weights_path` restored
+  in place, else a random init from the run seed; None with precomputed embeddings."""
+  if abstract is None:
+    return None
+  if exp.sec.text.weights_path:
+    return weights.restore_params(exp.sec.text.weights_path, abstract)
+  return weights.init_params(exp.sec.text, text_init_key(exp.sec.train.seed), abstract,
+                             exp.sec.rules)
 
 
 def max_exemplars(sec: Sections) -> int | None:
@@ -124,11 +151,21 @@ def per_process_batch_size(sec: Sections, process_count: int) -> int:
 def abstract_batch(sec: Sections, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch as sharded ShapeDtypeStructs (from `batch_spec`)."""
   spec = input_lib.batch_spec(sec.model.image_size, sec.text.max_length, max_exemplars(sec),
-                              sec.train.batch_size)
+                              sec.train.batch_size,
+                              text_dim=sec.text.d_model if precomputed(sec) else None)
   return sharding_lib.abstract_global_batch(spec, mesh, sec.rules)
 
 
-def sharded_shapes(exp: Experiment, mesh: Mesh) -> tuple[state_lib.TrainState, Any, dict]:
-  """(abstract state with shardings, state shardings, abstract global batch)."""
+class Shapes(NamedTuple):
+  """A run's arrays on one mesh, as ShapeDtypeStructs carrying their shardings."""
+
+  state: state_lib.TrainState
+  shardings: state_lib.TrainState  # NamedShardings of `state`.
+  batch: dict[str, jax.ShapeDtypeStruct]
+  text: Any  # The step's T5 params, or None (precomputed embeddings).
+
+
+def sharded_shapes(exp: Experiment, mesh: Mesh) -> Shapes:
+  """The abstract state (and its shardings), global batch and T5 params of `exp`."""
   abstract, shardings = state_lib.abstract_sharded_state(exp.init, mesh, exp.sec.rules)
-  return abstract, shardings, abstract_batch(exp.sec, mesh)
+  return Shapes(abstract, shardings, abstract_batch(exp.sec, mesh), abstract_text(exp, mesh))

@@ -24,7 +24,6 @@ from suti_jax.data import input as input_lib
 from suti_jax.data import synthetic
 from suti_jax.models import surgery
 from suti_jax.models import unet as unet_lib
-from suti_jax.models.text import convert as t5_convert
 from suti_jax.models.text import tokenizers
 from suti_jax.parallel import mesh as mesh_lib
 from suti_jax.parallel import sharding as sharding_lib
@@ -63,7 +62,23 @@ def _input(exp: experiment_lib.Experiment, source: Any) -> input_lib.InputIterat
       max_exemplars=experiment_lib.max_exemplars(sec),
       batch_size=experiment_lib.per_process_batch_size(sec, jax.process_count()),
       tokenizer=tokenizers.build_tokenizer(sec.text), process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=sec.train.seed, source=source)
+      process_count=jax.process_count(), seed=sec.train.seed, source=source,
+      text_dim=sec.text.d_model if experiment_lib.precomputed(sec) else None)
+
+
+def _text_params(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpointer,
+                 abstract_text: Any) -> Any:
+  """The step's frozen T5: the one this run saved (or an older run kept in its
+  state), else `text.weights_path` or the seed's random init, saved once."""
+  if abstract_text is None:
+    return None  # Precomputed embeddings: the run holds no T5.
+  text = None
+  if ckpt.latest_step() is not None:
+    text = checkpoint_lib.load_text_params(ckpt.directory, abstract_text, ckpt.latest_step())
+  if text is None:
+    text = experiment_lib.create_text_params(exp, abstract_text)
+  ckpt.save_text_encoder(text)
+  return text
 
 
 def _init_from(exp: experiment_lib.Experiment, state: TrainState,
@@ -105,9 +120,6 @@ def _initial_state(exp: experiment_lib.Experiment, ckpt: checkpoint_lib.Checkpoi
     raise checkpoint_lib.CheckpointError(
         f"train.restore_step={restore_step}: no checkpoint in {ckpt.directory}")
   state = create_state(exp.init, shardings, jax.random.PRNGKey(exp.sec.train.seed), exp.sec.rules)
-  if exp.sec.text.weights_path:
-    text = nn.unbox(t5_convert.load_params(exp.sec.text.weights_path, exp.sec.text))
-    state = state.replace(text_params=jax.device_put(text, shardings.text_params))
   if exp.sec.init_from:
     state = _init_from(exp, state, abstract)
   return state, 0
@@ -128,6 +140,7 @@ class _Run:
   config_json: dict[str, Any]
   meta: dict[str, Any]
   workdir: str
+  text_params: Any = None  # The step's frozen T5; None with precomputed embeddings.
   sampler: Any = None
 
 
@@ -155,7 +168,7 @@ def _write_samples(run: _Run, state: TrainState, batch: dict[str, jax.Array], st
   if run.sampler is None:
     run.sampler = samples_lib.make_sampler(run.exp, run.mesh, NUM_SAMPLES)
   key = jax.random.fold_in(jax.random.PRNGKey(run.exp.sec.train.seed + 1), step)
-  grid = metrics_lib.image_grid(np.asarray(run.sampler(state, batch, key)))
+  grid = metrics_lib.image_grid(np.asarray(run.sampler(state, run.text_params, batch, key)))
   run.writer.write_images(step, {"samples": grid[None]})
   if jax.process_index() == 0:
     metrics_lib.save_png(grid, os.path.join(run.workdir, "samples", f"step_{step:08d}.png"))
@@ -169,7 +182,7 @@ def _train(run: _Run, state: TrainState, start: int) -> dict[str, float]:
   progress = tqdm.tqdm(total=train.total_steps, initial=start, disable=jax.process_index() > 0)
   for step in range(start + 1, train.total_steps + 1):
     batch = sharding_lib.global_batch(next(run.data), run.mesh, rules)
-    state, metrics = run.compiled(state, batch)
+    state, metrics = run.compiled(state, batch, run.text_params)
     if pending is not None:
       last = _report(run, *pending) or last
     pending = (step, metrics)
@@ -214,11 +227,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
   sec = experiment_lib.sections(config)
   exp = experiment_lib.build(sec)
   mesh = mesh_lib.make_mesh(sec.mesh)
-  abstract, shardings, abstract_batch = experiment_lib.sharded_shapes(exp, mesh)
-  logging.info("stage %s; mesh %s; %d params", sec.stage, mesh_lib.describe(mesh),
-               sum(x.size for x in jax.tree.leaves(abstract.params)))
+  shapes = experiment_lib.sharded_shapes(exp, mesh)
+  logging.info("stage %s; mesh %s; %d params; text embeddings %s", sec.stage,
+               mesh_lib.describe(mesh), sum(x.size for x in jax.tree.leaves(shapes.state.params)),
+               "precomputed" if shapes.text is None else "encoded in the step")
   sharding_lib.assert_params_sufficiently_sharded(
-      abstract.params, mesh, tolerance=SHARDING_TOLERANCE,
+      shapes.state.params, mesh, tolerance=SHARDING_TOLERANCE,
       raise_above_bytes=sharding_lib.RAISE_ABOVE_PARAM_BYTES)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      every_steps=sec.train.checkpoint_every_steps,
@@ -229,8 +243,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
     watcher = preemption_lib.PreemptionWatcher(sec.train.log_every_steps).install()
   writer = metrics_lib.make_writer(workdir)
   try:
-    state, start = _initial_state(exp, ckpt, abstract, shardings, data)
-    compiled = step_lib.compile_train_step(exp.step_fn, abstract, abstract_batch, mesh, sec.rules)
+    text_params = _text_params(exp, ckpt, shapes.text)
+    state, start = _initial_state(exp, ckpt, shapes.state, shapes.shardings, data)
+    compiled = step_lib.compile_train_step(exp.step_fn, shapes.state, shapes.batch, shapes.text,
+                                           mesh, sec.rules)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                              sec.train.peak_flops_per_device)
     flops = metrics_lib.compiled_flops(compiled)
@@ -240,7 +256,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
     writer.write_hparams({k: str(v) for k, v in config_json.items()})
     run_ = _Run(exp=exp, mesh=mesh, compiled=compiled, data=data, ckpt=ckpt, writer=writer,
                 watcher=watcher, throughput=metrics_lib.Throughput(sec.train.batch_size, flops, peak),
-                config_json=config_json, meta=_meta(sec, mesh), workdir=workdir)
+                config_json=config_json, meta=_meta(sec, mesh), workdir=workdir,
+                text_params=text_params)
     return _train(run_, state, start)
   finally:
     ckpt.close()

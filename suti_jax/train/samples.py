@@ -18,13 +18,14 @@ from suti_jax.train import step as step_lib
 from suti_jax.train.state import TrainState
 
 
-def sample_batch(exp: experiment_lib.Experiment, state: TrainState, batch: dict[str, jax.Array],
-                 key: jax.Array, num: int) -> jax.Array:
+def sample_batch(exp: experiment_lib.Experiment, state: TrainState, text_params: Any,
+                 batch: dict[str, jax.Array], key: jax.Array, num: int) -> jax.Array:
   """Samples `num` images conditioned on the first `num` examples of `batch`.
 
   Args:
-    exp: the experiment (model, encoder, sampling and diffusion sections).
-    state: uses `ema_params` and `text_params`.
+    exp: the experiment (model, text embeddings, sampling and diffusion sections).
+    state: uses `ema_params`.
+    text_params: the step's frozen T5 params, or None (precomputed embeddings).
     batch: a global batch.
     key: PRNG key.
     num: images to draw (<= batch size).
@@ -36,7 +37,7 @@ def sample_batch(exp: experiment_lib.Experiment, state: TrainState, batch: dict[
   schedule = make_schedule(sec.diffusion)
   b = jax.tree.map(lambda x: x[:num], batch)
   params = {"params": state.ema_params}
-  text_emb = step_lib.encode_text(exp.encoder, state.text_params, b["text_ids"], b["text_mask"])
+  text_emb = exp.embed(text_params, b, "text", b["text_mask"])
   aug_key, sample_key = jax.random.split(key)
   extra = {}
   if sec.model.low_res_size:
@@ -44,7 +45,7 @@ def sample_batch(exp: experiment_lib.Experiment, state: TrainState, batch: dict[
                                     t=sec.sampling.noise_aug_level)
   features = None
   if sec.model.exemplar is not None:
-    inputs = step_lib.exemplar_inputs(exp.encoder, state.text_params, b,
+    inputs = step_lib.exemplar_inputs(exp.embed, text_params, b,
                                       jnp.ones((num,), bool))["exemplars"]
     features = model.apply(params, inputs.images, inputs.text_emb, inputs.text_mask, inputs.mask,
                            method=unet_lib.UNet.encode_exemplars)
@@ -60,7 +61,7 @@ def sample_batch(exp: experiment_lib.Experiment, state: TrainState, batch: dict[
 
 
 def make_sampler(exp: experiment_lib.Experiment, mesh: Mesh,
-                 num: int) -> Callable[[TrainState, dict[str, Any], jax.Array], jax.Array]:
+                 num: int) -> Callable[[TrainState, Any, dict[str, Any], jax.Array], jax.Array]:
   """A jitted `sample_batch` whose output is replicated (readable on every host)."""
-  fn = lambda state, batch, key: sample_batch(exp, state, batch, key, num)  # noqa: E731
+  fn = lambda state, text, batch, key: sample_batch(exp, state, text, batch, key, num)  # noqa: E731
   return jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -24,40 +24,40 @@ class TrainState(struct.PyTreeNode):
     params: UNet params.
     ema_params: exponential moving average of `params` (used for sampling).
     opt_state: optax state of `params` (trainable leaves only).
-    text_params: frozen T5 encoder params; never optimised, but checkpointed
-      so sampling sees the same encoder.
+
+  The frozen T5 is not part of it: a run that encodes text in the step passes
+  its params to the step separately (not donated), and the checkpoint keeps
+  them once per run beside the steps (`checkpoint.TEXT_ENCODER_DIR`).
   """
 
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: optax.OptState
-  text_params: Any
 
 
 # key -> params, possibly boxed with logical axis names (nn.Partitioned).
 InitFn = Callable[[jax.Array], Any]
 
 
-def make_init_fn(init_params: InitFn, init_text_params: InitFn,
+def make_init_fn(init_params: InitFn,
                  tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
   """A key -> TrainState function whose params keep their logical boxes.
 
   Args:
     init_params: UNet init, key -> (boxed) params.
-    init_text_params: T5 init, key -> (boxed) params.
     tx: the optimizer (its state is built from unboxed params).
 
   Returns:
-    init(key) -> TrainState with boxed params, ema_params and text_params.
+    init(key) -> TrainState with boxed params and ema_params.
   """
 
   def init(key: jax.Array) -> TrainState:
-    unet_key, text_key = jax.random.split(key)
-    params = init_params(unet_key)
+    # The first half of the split that once also drew the T5 init (see
+    # `experiment.text_init_key`): a seed keeps giving the same UNet.
+    params = init_params(jax.random.split(key)[0])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=tx.init(nn.unbox(params)),
-                      text_params=init_text_params(text_key))
+                      opt_state=tx.init(nn.unbox(params)))
 
   return init
 
@@ -83,8 +83,7 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules: sharding_lib.Rules)
       params=params,
       ema_params=sharding_lib.logical_shardings(abstract.ema_params, mesh, rules),
       opt_state=sharding_lib.derived_shardings(abstract.opt_state, nn.unbox(abstract.params),
-                                               params, mesh),
-      text_params=sharding_lib.logical_shardings(abstract.text_params, mesh, rules))
+                                               params, mesh))
 
 
 def abstract_sharded_state(init: Callable[[jax.Array], TrainState], mesh: Mesh,

@@ -1,6 +1,6 @@
-"""The pure train step (frozen-T5 text encoding, SR low-res derivation, condition
-dropout, denoising loss, optional microbatch accumulation, update, EMA) and
-its jit with explicit shardings, compiled once.
+"""The pure train step (text embeddings: precomputed or frozen-T5 encoded in the
+step; SR low-res derivation, condition dropout, denoising loss, optional
+microbatch accumulation, update, EMA) and its jit with explicit shardings.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from suti_jax.train import optimizer as optimizer_lib
 from suti_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+# (text_params, batch, name, mask [..., L]) -> embeddings [..., L, D] of the texts
+# `name` ('text' or 'exemplar_text'), zero where `mask` is False.
+EmbedFn = Callable[[Any, Batch, str, jax.Array], jax.Array]
 # (params, text_params, batch, key) -> (scalar loss, aux scalars).
 LossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 # Same inputs -> ((loss, aux), grads).
@@ -43,6 +46,29 @@ def encode_text(encoder: t5.T5Encoder, text_params: Any, ids: jax.Array,
   """Frozen T5 embeddings [N, L, D] (float32, zero at padding) of ids [N, L]."""
   emb = encoder.apply({"params": jax.lax.stop_gradient(text_params)}, ids, mask)
   return jax.lax.stop_gradient(jnp.where(mask[..., None], emb.astype(jnp.float32), 0.0))
+
+
+def in_step_embeddings(encoder: t5.T5Encoder) -> EmbedFn:
+  """Encodes `batch[name + '_ids']` with the frozen T5 inside the step (small runs)."""
+
+  def embed(text_params: Any, batch: Batch, name: str, mask: jax.Array) -> jax.Array:
+    ids = batch[f"{name}_ids"]
+    length = ids.shape[-1]
+    emb = encode_text(encoder, text_params, ids.reshape(-1, length), mask.reshape(-1, length))
+    return emb.reshape(*mask.shape, -1)
+
+  return embed
+
+
+def precomputed_embeddings(text_params: Any, batch: Batch, name: str,
+                           mask: jax.Array) -> jax.Array:
+  """Reads `batch[name + '_emb']` (written offline by the frozen T5); needs no params.
+
+  Zeroing where `mask` is False makes a dropped text exactly what the in-step
+  encoder gives for it: an all-False mask over a zero embedding.
+  """
+  del text_params  # The embeddings were computed offline.
+  return jnp.where(mask[..., None], batch[f"{name}_emb"].astype(jnp.float32), 0.0)
 
 
 def derive_low_res(image: jax.Array, size: int) -> jax.Array:
@@ -72,34 +98,34 @@ def low_res_inputs(image: jax.Array, size: int, key: jax.Array, schedule: Schedu
   return {"low_res": low_res, "aug_log_snr": aug_log_snr}
 
 
-def exemplar_inputs(encoder: t5.T5Encoder, text_params: Any, batch: Batch,
+def exemplar_inputs(embed: EmbedFn, text_params: Any, batch: Batch,
                     keep: jax.Array) -> dict[str, Any]:
-  """SuTI conditioning: K exemplars per example, captions through the frozen T5.
+  """SuTI conditioning: K exemplars per example, with their caption embeddings.
 
   Args:
-    encoder: the T5 module.
-    text_params: its params.
-    batch: with exemplar_images [B,K,H,W,C], exemplar_text_ids/_mask [B,K,L],
-      exemplar_mask [B,K].
+    embed: `in_step_embeddings(encoder)` or `precomputed_embeddings`.
+    text_params: the T5 params (None for precomputed embeddings).
+    batch: with exemplar_images [B,K,H,W,C], exemplar_text_mask [B,K,L],
+      exemplar_mask [B,K], and exemplar_text_ids [B,K,L] or exemplar_text_emb
+      [B,K,L,D].
     keep: [B] bool; False drops every exemplar of that example (CFG).
 
   Returns:
     UNet kwargs `exemplars` (an ExemplarInputs).
   """
-  ids, mask = batch["exemplar_text_ids"], batch["exemplar_text_mask"]
-  b, k, length = ids.shape
-  emb = encode_text(encoder, text_params, ids.reshape(b * k, length), mask.reshape(b * k, length))
+  mask = batch["exemplar_text_mask"]
   return {"exemplars": exemplar_lib.ExemplarInputs(
-      images=batch["exemplar_images"], text_emb=emb.reshape(b, k, length, -1),
+      images=batch["exemplar_images"], text_emb=embed(text_params, batch, "exemplar_text", mask),
       text_mask=mask, mask=batch["exemplar_mask"] & keep[:, None])}
 
 
-def make_loss_fn(model: unet_lib.UNet, encoder: t5.T5Encoder, cfg: DiffusionConfig) -> LossFn:
+def make_loss_fn(model: unet_lib.UNet, embed: EmbedFn, cfg: DiffusionConfig) -> LossFn:
   """The stage's loss: base or SR, plain Imagen or SuTI, decided here once.
 
   Args:
     model: the UNet (its config says SR via low_res_size, SuTI via exemplar).
-    encoder: the frozen T5 module.
+    embed: where text embeddings come from (`in_step_embeddings` or
+      `precomputed_embeddings`).
     cfg: schedule, objective, condition dropout and noise aug.
 
   Returns:
@@ -109,14 +135,14 @@ def make_loss_fn(model: unet_lib.UNet, encoder: t5.T5Encoder, cfg: DiffusionConf
   ucfg = model.config
   sr = functools.partial(low_res_inputs, size=ucfg.low_res_size, schedule=schedule,
                          max_t=cfg.noise_aug_max) if ucfg.low_res_size else None
-  suti = functools.partial(exemplar_inputs, encoder) if ucfg.exemplar is not None else None
+  suti = functools.partial(exemplar_inputs, embed) if ucfg.exemplar is not None else None
 
   def loss_fn(params, text_params, batch, key):
     drop_key, aug_key, loss_key, dropout_key = jax.random.split(key, 4)
     image = batch["image"]
     keep_text, keep_exemplars = loss_lib.condition_dropout(drop_key, image.shape[0], cfg)
     text_mask = batch["text_mask"] & keep_text[:, None]
-    text_emb = encode_text(encoder, text_params, batch["text_ids"], text_mask)
+    text_emb = embed(text_params, batch, "text", text_mask)
     extra = {}
     if sr is not None:
       extra.update(sr(image, key=aug_key))
@@ -198,7 +224,7 @@ def _select(pred: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def train_step(state: TrainState, batch: Batch, *, grad_fn: GradFn,
+def train_step(state: TrainState, batch: Batch, text_params: Any, *, grad_fn: GradFn,
                tx: optax.GradientTransformation, ema_fn: EmaFn, trainable: Any,
                lr_fn: optax.Schedule, seed: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on one global batch.
@@ -209,6 +235,8 @@ def train_step(state: TrainState, batch: Batch, *, grad_fn: GradFn,
   Args:
     state: the train state (donated by the jitted caller).
     batch: a global batch (docs/architecture.md batch table).
+    text_params: the frozen T5 params for in-step encoding (not donated), or
+      None when the batch carries precomputed embeddings.
     grad_fn: from `make_grad_fn`.
     tx: from `optimizer.make_optimizer`.
     ema_fn: from `make_ema_fn`.
@@ -220,7 +248,7 @@ def train_step(state: TrainState, batch: Batch, *, grad_fn: GradFn,
     (new state, flat dict of float32 scalars named 'train/...').
   """
   key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-  (loss, aux), grads = grad_fn(state.params, state.text_params, batch, key)
+  (loss, aux), grads = grad_fn(state.params, text_params, batch, key)
   if trainable is not None:
     grads = jax.tree.map(lambda t, g: g if t else jnp.zeros_like(g), trainable, grads)
   grad_norm = optax.global_norm(grads)
@@ -242,7 +270,8 @@ def train_step(state: TrainState, batch: Batch, *, grad_fn: GradFn,
 
 
 def lower_train_step(step_fn: Callable[..., Any], abstract_state: TrainState,
-                     abstract_batch: Batch, mesh: Mesh, rules: sharding_lib.Rules):
+                     abstract_batch: Batch, abstract_text: Any, mesh: Mesh,
+                     rules: sharding_lib.Rules):
   """Jits the partial'd step with explicit shardings and lowers it.
 
   The mesh is set while tracing, so the model's `with_logical_constraint`
@@ -252,36 +281,42 @@ def lower_train_step(step_fn: Callable[..., Any], abstract_state: TrainState,
     step_fn: `functools.partial(train_step, grad_fn=..., ...)`.
     abstract_state: ShapeDtypeStructs carrying the state shardings.
     abstract_batch: ShapeDtypeStructs carrying the global batch shardings.
+    abstract_text: ShapeDtypeStructs carrying the T5 param shardings, or None
+      (precomputed embeddings).
     mesh: the mesh.
     rules: logical axis rules.
 
   Returns:
-    The `jax.stages.Lowered` step; the state argument is donated.
+    The `jax.stages.Lowered` step(state, batch, text_params); only the state
+    is donated (the frozen T5 params are read again every step).
   """
   shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-  jitted = jax.jit(step_fn, in_shardings=(shardings(abstract_state), shardings(abstract_batch)),
+  jitted = jax.jit(step_fn, in_shardings=(shardings(abstract_state), shardings(abstract_batch),
+                                          shardings(abstract_text)),
                    out_shardings=(shardings(abstract_state), NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jitted.lower(abstract_state, abstract_batch)
+    return jitted.lower(abstract_state, abstract_batch, abstract_text)
 
 
 def compile_train_step(step_fn: Callable[..., Any], abstract_state: TrainState,
-                       abstract_batch: Batch, mesh: Mesh, rules: sharding_lib.Rules):
-  """`lower_train_step(...)` compiled: (state, batch) -> (state, metrics)."""
-  compiled = lower_train_step(step_fn, abstract_state, abstract_batch, mesh, rules).compile()
+                       abstract_batch: Batch, abstract_text: Any, mesh: Mesh,
+                       rules: sharding_lib.Rules):
+  """`lower_train_step(...)` compiled: (state, batch, text_params) -> (state, metrics)."""
+  compiled = lower_train_step(step_fn, abstract_state, abstract_batch, abstract_text, mesh,
+                              rules).compile()
   logging.info("compiled train step; memory per device: %s", compiled.memory_analysis())
   return compiled
 
 
-def build_step_fn(model: unet_lib.UNet, encoder: t5.T5Encoder, diffusion: DiffusionConfig,
+def build_step_fn(model: unet_lib.UNet, embed: EmbedFn, diffusion: DiffusionConfig,
                   optimizer: OptimizerConfig, tx: optax.GradientTransformation, trainable: Any,
-                  seed: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                  seed: int) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
   """`train_step` with every static dependency bound (ready for jit).
 
   Args:
     model: the stage's UNet.
-    encoder: the frozen T5 module.
+    embed: `in_step_embeddings(encoder)` or `precomputed_embeddings`.
     diffusion: the stage's diffusion section.
     optimizer: EMA rule and grad_accum_steps.
     tx: the optimizer built from `optimizer` and `trainable`.
@@ -289,9 +324,9 @@ def build_step_fn(model: unet_lib.UNet, encoder: t5.T5Encoder, diffusion: Diffus
     seed: run seed.
 
   Returns:
-    step(state, batch) -> (state, metrics).
+    step(state, batch, text_params) -> (state, metrics).
   """
-  loss_fn = make_loss_fn(model, encoder, diffusion)
+  loss_fn = make_loss_fn(model, embed, diffusion)
   return functools.partial(
       train_step, grad_fn=make_grad_fn(loss_fn, optimizer.grad_accum_steps), tx=tx,
       ema_fn=make_ema_fn(optimizer, trainable), trainable=trainable,

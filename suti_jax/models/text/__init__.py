@@ -5,8 +5,6 @@ from suti_jax.models.hf_checkpoint import read_checkpoint
 from suti_jax.models.text.convert import config_from_hf
 from suti_jax.models.text.convert import hf_to_params
 from suti_jax.models.text.convert import load_hf_encoder
-from suti_jax.models.text.convert import load_params
-from suti_jax.models.text.convert import save_params
 from suti_jax.models.text.encoder import load_text_encoder
 from suti_jax.models.text.encoder import precompute_embeddings
 from suti_jax.models.text.encoder import TextEncoder
@@ -16,3 +14,6 @@ from suti_jax.models.text.tokenizers import build_tokenizer
 from suti_jax.models.text.tokenizers import ByteTokenizer
 from suti_jax.models.text.tokenizers import SentencePieceTokenizer
 from suti_jax.models.text.tokenizers import Tokenizer
+from suti_jax.models.text.weights import abstract_params
+from suti_jax.models.text.weights import restore_params
+from suti_jax.models.text.weights import save_params

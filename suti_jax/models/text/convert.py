@@ -1,4 +1,5 @@
-"""Public HF T5 encoder checkpoints -> `T5Encoder` params, and their msgpack files.
+"""Public HF T5 encoder checkpoints -> `T5Encoder` params (host numpy; `weights`
+stores them as a sharded Orbax checkpoint).
 
 Reads checkpoints with `hf_checkpoint.read_checkpoint` (safetensors or torch
 zip, single or sharded, without torch), checking every key and shape; errors
@@ -14,11 +15,8 @@ import os
 from typing import Any, Callable, Mapping
 
 import einops
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 from flax import traverse_util
 
 from suti_jax.config import TextEncoderConfig
@@ -150,46 +148,3 @@ def load_hf_encoder(path: str, cfg: TextEncoderConfig | None = None,
   elif cfg is None:
     raise CheckpointError(f"no config.json in {folder!r}: pass the architecture as cfg")
   return cfg, hf_to_params(read_checkpoint(path), cfg, dtype)
-
-
-def save_params(path: str, params: Any) -> None:
-  """Writes params (boxed or not) as one msgpack file, atomically."""
-  tree = jax.tree.map(np.asarray, nn.unbox(params))
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.msgpack_serialize(tree))
-  os.replace(tmp, path)
-
-
-def load_params(path: str, cfg: TextEncoderConfig) -> dict:
-  """Reads `save_params` output as boxed `T5Encoder(cfg)` params in `cfg.dtype`.
-
-  Args:
-    path: the msgpack file.
-    cfg: the architecture; every param path and shape is checked against it.
-
-  Returns:
-    Params boxed with logical axis names, like `t5.init_t5_params`.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"text encoder weights not found: {path!r} "
-                            "(make them with launch/convert_t5.py)")
-  with open(path, "rb") as f:
-    loaded = traverse_util.flatten_dict(serialization.msgpack_restore(f.read()),
-                                        sep="/")
-  abstract = jax.eval_shape(functools.partial(t5.init_t5_params, cfg),
-                            jax.random.key(0))
-  # Partitioned boxes are not Mappings, so they come out as leaves.
-  boxes = traverse_util.flatten_dict(abstract, sep="/")
-  missing = sorted(set(boxes) - set(loaded))
-  extra = sorted(set(loaded) - set(boxes))
-  if missing or extra:
-    raise CheckpointError(f"{path}: params do not match {cfg}: missing "
-                          f"{missing[:8]}, unexpected {extra[:8]}")
-  flat = {}
-  for key, box in boxes.items():
-    if loaded[key].shape != box.value.shape:
-      raise CheckpointError(f"{path}: param {key!r} has shape "
-                            f"{loaded[key].shape}, expected {box.value.shape}")
-    flat[key] = box.replace_boxed(jnp.asarray(loaded[key], box.value.dtype))
-  return traverse_util.unflatten_dict(flat, sep="/")

@@ -11,11 +11,15 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from suti_jax.config import TextEncoderConfig
-from suti_jax.models.text import convert
+from suti_jax.config import MeshConfig, TextEncoderConfig
 from suti_jax.models.text import t5
 from suti_jax.models.text import tokenizers
+from suti_jax.models.text import weights
+from suti_jax.parallel import axes
+from suti_jax.parallel import mesh as mesh_lib
+from suti_jax.parallel import sharding as sharding_lib
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -75,26 +79,32 @@ class TextEncoder:
     return self.encode_ids(ids, mask)
 
 
-def load_text_encoder(cfg: TextEncoderConfig,
-                      key: jax.Array | None = None) -> TextEncoder:
+def load_text_encoder(cfg: TextEncoderConfig, key: jax.Array | None = None, *,
+                      mesh: Mesh | None = None,
+                      rules: sharding_lib.Rules = axes.DEFAULT_RULES) -> TextEncoder:
   """Builds the encoder from `cfg.weights_path`, or randomly from `key`.
 
   Args:
-    cfg: tokenizer, architecture and `weights_path` (a `convert.save_params`
-      file; '' means random init, the tiny/demo path).
+    cfg: tokenizer, architecture and `weights_path` (a `weights.save_params`
+      checkpoint; '' means random init, the tiny/demo path).
     key: PRNG key for the random init; the same key gives the same params.
+    mesh: where the params go, sharded by their logical axes; default the
+      first device.
+    rules: logical axis rules.
 
   Returns:
-    A `TextEncoder` with boxed params in `cfg.dtype`.
+    A `TextEncoder` with unboxed params in `cfg.dtype`.
   """
   tokenizer = tokenizers.build_tokenizer(cfg)
+  mesh = mesh or mesh_lib.make_mesh(MeshConfig(ici_data=1), jax.devices()[:1])
+  abstract = weights.abstract_params(cfg, mesh, rules)
   if cfg.weights_path:
-    params = convert.load_params(cfg.weights_path, cfg)
+    params = weights.restore_params(cfg.weights_path, abstract)
   elif key is None:
     raise ValueError("cfg.weights_path is empty: pass a PRNG key to initialise "
                      "the text encoder randomly")
   else:
-    params = jax.jit(t5.init_t5_params, static_argnums=0)(cfg, key)
+    params = weights.init_params(cfg, key, abstract, rules)
   return TextEncoder(cfg, tokenizer, params)
 
 
