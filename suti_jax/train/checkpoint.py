@@ -10,8 +10,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
-import threading
 import time
 from typing import Any, NamedTuple
 
@@ -36,34 +34,6 @@ DISCARDED_DIR = "discarded_checkpoints"
 # Characters of Orbax's error kept in CheckpointError (TensorStore appends
 # kilobytes of JSON spec).
 MAX_CAUSE_CHARS = 400
-
-
-def _ignore_reads_after_closed_loop() -> None:
-  """Drops the 'Event loop is closed' errors of a failed restore's leftover reads.
-
-  When a damaged step fails to restore, Orbax closes its event loop while
-  TensorStore still completes the step's other reads; each completion then
-  raises in a TensorStore thread and prints a traceback that would bury the
-  one-line CheckpointError. Only that exact error is dropped; every other
-  exception reaches the previous hooks.
-  """
-  if getattr(sys.excepthook, "_drops_closed_loop", False):
-    return
-  previous_hook, previous_thread_hook = sys.excepthook, threading.excepthook
-
-  def is_closed_loop(exc: BaseException | None) -> bool:
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-  def hook(exc_type, exc, tb):
-    if not is_closed_loop(exc):
-      previous_hook(exc_type, exc, tb)
-
-  def thread_hook(args):
-    if not is_closed_loop(args.exc_value):
-      previous_thread_hook(args)
-
-  hook._drops_closed_loop = True  # type: ignore[attr-defined]
-  sys.excepthook, threading.excepthook = hook, thread_hook
 
 
 class CheckpointError(RuntimeError):
@@ -150,7 +120,6 @@ class Checkpointer:
     if step not in steps:
       raise CheckpointError(f"no checkpoint step {step} in {self.directory}; steps there: {steps}")
     cause = None
-    _ignore_reads_after_closed_loop()
     try:
       # Partial: a checkpoint from before the T5 left the state also holds
       # `text_params` (`load_text_params` reads them).
