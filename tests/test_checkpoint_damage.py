@@ -119,8 +119,7 @@ def test_discard_after_moves_later_steps_aside(tmp_path):
 
 def test_damaged_run_fails_in_one_line_and_resumes_from_restore_step(tmp_path):
   """End to end: the CLI names the damaged step in one line with no traceback of its
-  own, and
-  restore_step=1 continues from step 1, setting the damaged step 2 aside."""
+  own, and restore_step=1 continues from step 1, setting the damaged step 2 aside."""
   workdir = str(tmp_path / "run")
   config = tl.micro_config(total_steps=2, checkpoint_every_steps=1)
   loop.run(config, workdir, input_source=tl.caption_source())
