@@ -31,6 +31,7 @@ _SAVE_JUDGES_TO = flags.DEFINE_string(
     "save_judges_to", "", "After training the judges, write them, their held-out report and "
     "their recipe fingerprint there as a shipped artefact (e.g. pretrained/demo_judges).")
 
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
