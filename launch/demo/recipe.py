@@ -37,9 +37,6 @@ from suti_jax.train import preemption
 # folder, payload folder inside it). Each is installed when its recipe fingerprint
 # matches the config, else trained (and exported with `save_to`).
 SHIPPED = {"base": ("base_pretrained", "checkpoints"), "judges": ("judges_pretrained", "judges")}
-# (config section, key) -> the value the shipped base (pretrained/demo_base) was
-# trained with, for keys the config gained after it was trained.
-_KEYS_AFTER_SHIPPED_BASE = {("data", "precomputed_embeddings"): False}
 
 
 class Preempted(RuntimeError):
@@ -137,16 +134,8 @@ class Demo:
 
   # Training.
   def base_fingerprint(self) -> Any:
-    """What the base checkpoint depends on: its config and its corpus, not the web.
-
-    Config keys added after the shipped base was trained are left out while they
-    hold the value it was trained with, so that it still installs.
-    """
-    base = self.cfg.base.to_dict()
-    for (section, key), value in _KEYS_AFTER_SHIPPED_BASE.items():
-      if base[section].get(key) == value:
-        del base[section][key]
-    return [base, self.cfg.corpus.to_dict(), self.cfg.world.image_size]
+    """What the base checkpoint depends on: its config and its corpus, not the web."""
+    return [self.cfg.base.to_dict(), self.cfg.corpus.to_dict(), self.cfg.world.image_size]
 
   def _install_shipped(self, name: str, target: str, fingerprint: str) -> dict[str, Any] | None:
     """Installs the shipped artefact `name` into `target` and returns its recipe, or
@@ -241,10 +230,14 @@ class Demo:
     else:
       out = evaluate.dreambooth_experts(load_stage(self.path("base")), self.eval_set,
                                         self.expert_config(), key, steps)
-    path = self.path("eval", f"{method}.npz")
+    path = self.images_path(method)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, images=out.images, seconds=np.float64(out.seconds_per_subject or np.nan))
     return {"paths": {"images": path}, "seconds_per_subject": out.seconds_per_subject}
+
+  def images_path(self, method: str) -> str:
+    """Where `generate(method)` writes the method's eval images (uint8 [N, H, W, 3])."""
+    return self.path("eval", f"{method}.npz")
 
   def judges(self) -> tuple[judges_lib.SubjectJudge, judges_lib.TextJudge]:
     return (judges_lib.SubjectJudge.load(self.path("judges", "subject")),
@@ -263,7 +256,7 @@ class Demo:
     points = []
     for step in steps:
       if step == steps[-1]:
-        images = np.load(self.path("eval", f"{method}.npz"))["images"]
+        images = np.load(self.images_path(method))["images"]
       else:
         images = evaluate.suti(load_stage(self.path(method), step=step), self.eval_set, key,
                                self.cfg.eval.sampling_steps).images
@@ -276,7 +269,7 @@ class Demo:
     out = {"copy_exemplar": evaluate.copy_nearest_exemplar(self.eval_set),
            "ground_truth": evaluate.ground_truth(self.eval_set)}
     for method in ("suti_v2", "suti_v1", "dreambooth", "text_only"):
-      data = np.load(self.path("eval", f"{method}.npz"))
+      data = np.load(self.images_path(method))
       seconds = float(data["seconds"])
       out[method] = evaluate.Generated(data["images"], None if np.isnan(seconds) else seconds)
     return out
