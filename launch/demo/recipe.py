@@ -205,7 +205,7 @@ class Demo:
       # kwargs of suti_jax.experts.renderer.ExpertTargetRenderer, as the CLI's JSON.
       args.renderer_options = json.dumps(
           {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict()})
-      args.render_batch_size = self.expert_config().max_parallel_experts
+      args.render_batch_size = p.render_batch_size
     summary = build_icl_groups.run_pipeline(args, ["--runner=DirectRunner"])
     if not summary["groups_written"]:
       raise RuntimeError(f"the {renderer} pipeline wrote no ICL groups; see "
