@@ -46,7 +46,9 @@ class ExpertConfig:
     class_guidance_scale: CFG scale for the class images.
     identifier: the rare token that names the subject ("a sks dog").
     max_parallel_experts: experts vmapped in one step (bounded by memory: each
-      holds a parameter and optimizer-state copy).
+      holds a parameter and optimizer-state copy). On CPU 1 is fastest: vmapped
+      experts turn each convolution into one over per-expert kernels, which
+      XLA:CPU runs about half as fast (configs/demo.py).
     max_instance_images: subject images are zero-padded to at least this many
       slots, so subjects with 3, 4 or 5 images share one compiled step.
   """
@@ -250,8 +252,8 @@ def _train_step(params: Params, opt_state: Any, data: dict[str, jax.Array],
   """One optimisation step of a stack of S experts (every array has a leading S).
 
   Experts are independent, so the step is vmapped: S small fine-tunes become one
-  batched computation (one compile, one dispatch per step, full use of the cores),
-  and the result equals S separate fine-tunes.
+  batched computation (one compile, one dispatch per step), and the result equals
+  S separate fine-tunes.
   """
   tx = make_optimizer(statics.optimizer_cfg)
 
