@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.judges_pretrained = "" if small else "pretrained/demo_judges"
   # Fidelity filter on the judges' scores: a target's subject cosine to its
   # exemplars must reach the bar (the judge's calibrated same-subject threshold is
-  # about 0.66; 0.4 drops clear failures without starving SuTI of groups). The
+  # 0.57 in REPORT.md; 0.4 drops clear failures without starving SuTI of groups). The
   # small run's judges train for seconds and score near chance: it keeps all.
   # The renderer takes `render_batch_size` clusters per call (class-prior images
   # are drawn once per call and class noun). An expert renders its cluster's

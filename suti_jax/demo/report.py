@@ -239,8 +239,8 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
             f"Personalisation = everything needed to render one new subject's "
             f"{prompts_per_subject} prompts: SuTI samples with the exemplars in context; "
             "DreamBooth makes class-prior images, fine-tunes an expert and samples. Each is "
-            "one run over all held-out subjects divided by "
-            "the number of subjects, compilation included.",
+            "one run over all held-out subjects divided by the number of subjects, "
+            "compilation included.",
             "", "| personalisation per subject | seconds |", "|---|---|"]
   timing = metrics.get("personalization_s", {})
   lines += [f"| {evaluate.METHOD_LABELS[m]} | {timing[m]:.1f} |"
