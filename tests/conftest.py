@@ -16,6 +16,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # TensorFlow must not grab a GPU or preallocate anything in tests.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# Adds the project's XLA:CPU flags (suti_jax/xla_flags.py), so tests run what users run.
+import suti_jax  # noqa: E402,F401  (before the backend starts on purpose)
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 assert jax.device_count() == 8, "tests expect 8 virtual CPU devices"

@@ -1,0 +1,31 @@
+"""The XLA:CPU flags suti_jax adds on import: added once, never over the user's."""
+
+from suti_jax import xla_flags
+
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
+
+
+def test_added_to_existing_flags_once():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert xla_flags.add_cpu_flags(env, "0.10.2") == [FLAG]
+  assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
+  assert xla_flags.add_cpu_flags(env, "0.10.2") == []
+  assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+
+def test_user_value_wins():
+  env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+  assert xla_flags.add_cpu_flags(env, "0.10.2") == []
+  assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+
+
+def test_opt_out_and_unmeasured_jaxlib_add_nothing():
+  env = {xla_flags.OPT_OUT_ENV: "1"}
+  assert xla_flags.add_cpu_flags(env, "0.10.2") == [] and "XLA_FLAGS" not in env
+  env = {}
+  assert xla_flags.add_cpu_flags(env, "0.11.0") == [] and "XLA_FLAGS" not in env
+
+
+def test_this_process_has_the_flag():
+  import os  # pylint: disable=import-outside-toplevel
+  assert FLAG.lstrip("-").split("=")[0] in os.environ["XLA_FLAGS"]
