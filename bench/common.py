@@ -23,19 +23,23 @@ THREADS = 2
 def configure_host(num_devices: int = 1, threads: int = THREADS) -> None:
   """Sets XLA/TF environment for CPU benchmarking; call before importing jax.
 
-  Replaces any device-count or thread flags already in XLA_FLAGS (a test run
-  exports 8 virtual devices), so each script gets exactly what it asks for.
+  Replaces any device-count flag already in XLA_FLAGS (a test run exports 8
+  virtual devices), so each script gets exactly what it asks for, and drops
+  tokens that are not `--flag`s: XLA ignored every flag after such a token
+  (measured: suti_jax's YNNPACK flag behind one gave the jaxlib-default speed).
 
   Args:
     num_devices: virtual CPU devices XLA creates.
-    threads: intra-op threads of the XLA CPU client (Eigen pool).
+    threads: TensorFlow's intra- and inter-op threads (tf.data, Beam's TF ops).
+      XLA's CPU client takes one thread per core and no XLA flag caps it, so
+      `THREADS` is this machine's core count and the peers get as many.
   """
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if not re.match(r"-*(xla_force_host_platform_device_count|"
-                          r"xla_cpu_multi_thread_eigen|intra_op_parallelism_threads)", f)]
+          if f.startswith("--") and not re.match(
+              r"--(xla_force_host_platform_device_count|xla_cpu_multi_thread_eigen)=", f)]
   os.environ["XLA_FLAGS"] = " ".join(kept + [
       f"--xla_force_host_platform_device_count={num_devices}",
-      "--xla_cpu_multi_thread_eigen=true", f"intra_op_parallelism_threads={threads}"])
+      "--xla_cpu_multi_thread_eigen=true"])
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -2,11 +2,11 @@
 when `suti_jax` is imported (before any backend starts), unless already set.
 
 jaxlib 0.10's CPU backend hands convolutions, dots, reductions and elementwise
-chains to YNNPACK. Its convolutions are the slow part here: the weight-gradient
-convolutions of a 32 px UNet ran at 44-110 GFLOP/s against 150-260 for XLA's
-Eigen convolutions (profile and figures: README, bench notes). Keeping YNNPACK
-for dots and reductions only made the matched train step 1.2x and the demo's
-base step 1.5x faster. Other backends ignore `xla_cpu_*` flags.
+chains to YNNPACK. Its convolutions are the slow part here: alone, a 32 px
+weight-gradient convolution ran at 58-72 GFLOP/s under YNNPACK and at 158-234
+with XLA's Eigen convolutions. Keeping YNNPACK for dots and reductions only made
+the peer-matched train step 1.26x (`bench.step_profile`) and the demo's base and
+SuTI steps 1.5x and 1.23x faster. Other backends ignore `xla_cpu_*` flags.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ OPT_OUT_ENV = "SUTI_JAX_KEEP_XLA_FLAGS"
 
 def add_cpu_flags(environ: MutableMapping[str, str] = os.environ,
                   jaxlib_version: str | None = None) -> list[str]:
-  """Appends `CPU_FLAGS` the user has not set to `environ['XLA_FLAGS']`.
+  """Puts the `CPU_FLAGS` the user has not set in front of `environ['XLA_FLAGS']`.
+
+  In front, because XLA ignores every flag after a token that is not a `--flag`.
 
   Nothing is added when `SUTI_JAX_KEEP_XLA_FLAGS` is set to a non-empty value
   or the jaxlib version was not measured.
@@ -46,5 +48,5 @@ def add_cpu_flags(environ: MutableMapping[str, str] = os.environ,
   added = [f"--{name}={value}" for name, value in CPU_FLAGS.items()
            if f"{name}=" not in current]
   if added:
-    environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    environ["XLA_FLAGS"] = " ".join([*added, current]).strip()
   return added
