@@ -8,7 +8,7 @@ FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
 def test_added_to_existing_flags_once():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   assert xla_flags.add_cpu_flags(env, "0.10.2") == [FLAG]
-  assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {FLAG}"
+  assert env["XLA_FLAGS"] == f"{FLAG} --xla_force_host_platform_device_count=8"
   assert xla_flags.add_cpu_flags(env, "0.10.2") == []
   assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
 
