@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Hundreds of web clusters give SuTI many subjects to learn in-context copying
   # from; the held-out subjects never appear in any training.
   c.world = ml_collections.ConfigDict(dict(
-      num_clusters=12 if small else 224, web_size_px=32, image_size=16,
+      num_clusters=12 if small else 160, web_size_px=32, image_size=16,
       num_heldout_subjects=2 if small else 12, min_exemplars=3, max_exemplars=5,
       prompts_per_skill=1 if small else 2))
   # The text-to-image base is pretrained on a broad caption corpus (subjects
