@@ -8,7 +8,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
+
+# The demo runs two stages at a time in one process, where suti_jax's XLA:CPU flag
+# (suti_jax/xla_flags.py: Eigen instead of YNNPACK convolutions) cost more than it
+# gave: the v2 pipeline's experts took 676 s with it against 475 s without. So the
+# demo keeps jaxlib's defaults; set SUTI_JAX_KEEP_XLA_FLAGS= (empty) to use the flag.
+# Set before anything imports suti_jax, which adds the flag on import.
+os.environ.setdefault("SUTI_JAX_KEEP_XLA_FLAGS", "1")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
