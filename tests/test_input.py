@@ -151,38 +151,6 @@ def test_resume_continues_exactly(tmp_path):
     _input(pattern, seed=8).set_state(state)
 
 
-def test_next_epoch_is_read_ahead_and_equals_a_rebuild(tmp_path):
-  _, pattern = _write(tmp_path)
-  iterator = _input(pattern, seed=5)
-  _take(iterator, 1)
-  epoch, ahead = iterator._next_epoch  # pylint: disable=protected-access
-  assert epoch == 1
-  ahead.result(timeout=60)  # Epoch 1's first batch is read while epoch 0 is consumed.
-  _take(iterator, 3)
-  read_ahead = _take(iterator, 4)
-  assert iterator.epoch == 1
-  rebuilt = _input(pattern, seed=5)
-  rebuilt.set_state(dict(iterator.get_state(), epoch=1, position=0))
-  for a, b in zip(read_ahead, _take(rebuilt, 4)):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
-def test_bad_record_in_the_read_ahead_epoch_names_it(tmp_path):
-  rng = np.random.default_rng(2)
-  import tensorflow as tf  # Only to edit the Example.
-  example = tf.train.Example.FromString(records.serialize_icl_group(_group(rng, 99, 2)))
-  example.features.feature["target/image"].bytes_list.value[:] = [b"\x89PNGtruncated"]
-  paths, pattern = _write(tmp_path, num_shards=1, bad={0: example.SerializeToString()})
-  iterator = _input(pattern, shuffle_buffer=1)
-  # At the end of epoch 0 (17 records): the next batch is epoch 1's first, read ahead.
-  iterator.set_state(dict(iterator.get_state(), position=17))
-  with pytest.raises(records.RecordError) as info:
-    next(iterator)
-  assert info.value.source == f"{paths[0]}:0" and info.value.field == "target/image"
-  assert iterator.epoch == 1
-
-
 def test_truncated_file_fails_or_is_skipped(tmp_path):
   paths, pattern = _write(tmp_path, num_shards=2)
   with open(paths[1], "rb") as f:

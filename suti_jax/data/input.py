@@ -6,9 +6,7 @@ corrupt-record policy and `InputIterator`, whose JSON state resumes exactly.
 
 from __future__ import annotations
 
-import concurrent.futures
-import itertools
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -93,13 +91,6 @@ def _select_exemplars(out: dict[str, tf.Tensor], max_exemplars: int,
   return dict(out, **chosen_out)
 
 
-def _unwrap(item: Any) -> Any:
-  """A prefetched first batch may be the error reading it raised: raise it here."""
-  if isinstance(item, tf.errors.OpError):
-    raise item
-  return item
-
-
 class InputIterator:
   """Host-local numpy batches (see `batch_spec`), resumable from JSON state.
 
@@ -108,12 +99,6 @@ class InputIterator:
   consumed by the batches handed out. Resuming rebuilds the epoch and skips
   `position` raw elements before any parsing or decoding. (tf.data's own
   iterator checkpoints hold the shuffle buffer: large, binary, not JSON.)
-
-  While an epoch is read, a background thread builds the next epoch's
-  pipeline from position 0 and reads its first batch, so an epoch boundary
-  costs the trainer no pipeline set-up or shuffle-buffer fill. Being a pure
-  function of (seed, epoch), the prefetched epoch is the one a rebuild would
-  give; `set_state` drops it.
   """
 
   def __init__(self, pipeline: sources.Pipeline, *, tokenizer: Tokenizer,
@@ -130,11 +115,9 @@ class InputIterator:
     self._identity = identity
     self._epoch = self._position = self._num_skipped = 0
     self._fresh_epoch = True
-    self._batches: Iterator[Any] | None = None
+    self._batches = None
     # A tf.function traces once per iterator, not once per epoch's dataset.
     self._transform = tf.function(self._transform_record)
-    self._prefetcher = concurrent.futures.ThreadPoolExecutor(1, "next-epoch")
-    self._next_epoch: tuple[int, concurrent.futures.Future] | None = None
 
   @property
   def num_skipped(self) -> int:
@@ -174,7 +157,7 @@ class InputIterator:
     self._epoch = int(state["epoch"])
     self._position = int(state["position"])
     self._num_skipped = int(state["num_skipped"])
-    self._batches = self._next_epoch = None
+    self._batches = None
 
   def __iter__(self) -> InputIterator:
     return self
@@ -185,9 +168,9 @@ class InputIterator:
         if self._num_epochs is not None and self._epoch >= self._num_epochs:
           raise StopIteration
         self._fresh_epoch = self._position == 0
-        self._batches = self._open_epoch()
+        self._batches = self._epoch_dataset(self._position).as_numpy_iterator()
       try:
-        batch = self._to_batch(_unwrap(next(self._batches)))
+        batch = self._to_batch(next(self._batches))
       except tf.errors.OpError as e:
         self._batches = None
         self._explain(e)
@@ -200,46 +183,21 @@ class InputIterator:
             f"for process {self._identity['process_index']}")
       self._epoch, self._position, self._batches = self._epoch + 1, 0, None
 
-  def _open_epoch(self) -> Iterator[Any]:
-    """Raw batches of `self._epoch` from `self._position`; starts the next epoch's prefetch.
-
-    Items are values, or the OpError reading them raised (re-raised by `_unwrap`
-    in the caller, where a failed batch is explained).
-    """
-    if (self._position == 0 and self._next_epoch is not None
-        and self._next_epoch[0] == self._epoch):
-      first, rest = self._next_epoch[1].result()
-      batches = itertools.chain([first], rest)
-    else:
-      batches = self._epoch_dataset(self._epoch, self._position).as_numpy_iterator()
-    following = self._epoch + 1
-    self._next_epoch = None
-    if self._num_epochs is None or following < self._num_epochs:
-      self._next_epoch = (following, self._prefetcher.submit(self._read_first, following))
-    return batches
-
-  def _read_first(self, epoch: int) -> tuple[Any, Iterator[Any]]:
-    """(first raw batch or its OpError, the rest) of `epoch` from position 0."""
-    batches = self._epoch_dataset(epoch, 0).as_numpy_iterator()
-    try:
-      return next(batches), batches
-    except tf.errors.OpError as e:
-      return e, batches
-
-  def _epoch_dataset(self, epoch: int, start: int) -> tf.data.Dataset:
-    """Batches of `epoch` from raw position `start` on.
+  def _epoch_dataset(self, start: int) -> tf.data.Dataset:
+    """Batches of epoch `self._epoch` from raw position `start` on.
 
     The raw stream ends with a marker whose position is the epoch's length,
     so records skipped after the last full batch are counted too; the last,
     partial batch holds the marker and is dropped on the host.
     """
-    key = tf.constant(sources.epoch_seed(self._identity["seed"], epoch), tf.int64)
+    key = tf.constant(sources.epoch_seed(self._identity["seed"], self._epoch),
+                      tf.int64)
 
     def zeros(spec):
       return tf.nest.map_structure(
           lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), spec)
 
-    raw = self._pipeline.raw_epoch(epoch)
+    raw = self._pipeline.raw_epoch(self._epoch)
     ds = raw.map(lambda r: (r, False)).concatenate(
         tf.data.Dataset.from_tensors((zeros(raw.element_spec), True)))
     ds = ds.enumerate()
