@@ -92,14 +92,15 @@ def profile(step: suti_step.CompiledStep, calls: int) -> dict[str, Any]:
     if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS):
       per_op[e["name"]] += e.get("dur", 0) / 1e3 / calls
   lines, bodies = _instructions(step.compiled.as_text())
+  kind_of = {name: op_kind(name, lines, bodies) for name in per_op}
   kinds: collections.Counter[str] = collections.Counter()
   for name, ms in per_op.items():
-    kinds[op_kind(name, lines, bodies)] += ms
+    kinds[kind_of[name]] += ms
   top = []
   for name, ms in per_op.most_common(8):
     where = re.search(r'op_name="([^"]*)"', lines.get(name, ""))
     shape = lines.get(name, " = ?").split(" = ", 1)[1].split(" ", 1)[0]
-    top.append({"op": name, "kind": op_kind(name, lines, bodies), "ms": ms,
+    top.append({"op": name, "kind": kind_of[name], "ms": ms,
                 "shape": shape, "source": where.group(1)[-80:] if where else ""})
   return {"kinds_ms": dict(kinds.most_common()), "top": top}
 
@@ -156,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"Train step, peer-matched config (batch {spec['batch_size']}): best of "
       f"{args.rounds} alternated runs, median of {calls} steps each",
       ["XLA:CPU flags", "flags added", "examples/s per run", "best", "vs jaxlib defaults"])
+  suti_flags = " ".join(f"--{k}={val}" for k, val in xla_flags.CPU_FLAGS.items())
   for v, rs in runs.items():
-    added = " ".join(f"--{k}={val}" for k, val in xla_flags.CPU_FLAGS.items()) if \
-        v == "suti_jax flags" else "none"
+    added = "none" if VARIANTS[v] else suti_flags
     speed.rows.append([v, added, " / ".join(common.fmt(x["examples_per_s"]) for x in rs),
                        best[v], best[v] / best["jaxlib defaults"]])
   tables = [speed]

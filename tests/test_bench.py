@@ -115,6 +115,21 @@ def test_smoke_train_step_vs_peers(smoke):
 
 
 @pytest.mark.slow  # runs all five benchmarks end to end
+def test_smoke_step_profile_compares_the_flag_sets_it_names(smoke):
+  res = smoke[0]["step_profile"]["results"]
+  flag = "xla_cpu_experimental_ynn_fusion_type="
+  for run in res["runs"]["jaxlib defaults"]:
+    assert flag not in run["xla_flags"]
+  for run in res["runs"]["suti_jax flags"]:
+    assert run["xla_flags"].startswith("--" + flag)
+  for runs in res["runs"].values():
+    assert all(_positive(r["examples_per_s"]) for r in runs)
+    kinds = runs[0]["profile"]["kinds_ms"]
+    assert any(k.startswith("convolution") for k in kinds)
+    assert all(ms >= 0 for ms in kinds.values()) and _positive(sum(kinds.values()))
+
+
+@pytest.mark.slow  # runs all five benchmarks end to end
 def test_smoke_roofline(smoke):
   res = smoke[0]["roofline"]["results"]
   assert _positive(res["peak_gflops_per_s"])

@@ -1,5 +1,7 @@
 """The XLA:CPU flags suti_jax adds on import: added once, never over the user's."""
 
+import os
+
 from suti_jax import xla_flags
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce"
@@ -27,5 +29,4 @@ def test_opt_out_and_unmeasured_jaxlib_add_nothing():
 
 
 def test_this_process_has_the_flag():
-  import os  # pylint: disable=import-outside-toplevel
   assert FLAG.lstrip("-").split("=")[0] in os.environ["XLA_FLAGS"]
