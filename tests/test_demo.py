@@ -194,6 +194,41 @@ def test_heldout_subjects_are_disjoint_and_have_ground_truth():
       assert p.target.shape == (16, 16, 3)
 
 
+def test_demo_texts_fit_the_text_encoder():
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+
+  cfg = demo_config.get_config()
+  room = demo_config.TEXT_BYTES - 1  # eos takes one token
+  assert {cfg[s].text.max_length for s in ("base", "sr", "suti")} == {demo_config.TEXT_BYTES}
+  pairs = world.make_web(cfg.world.num_clusters, cfg.seed, cfg.world.web_size_px)
+  seeds = world.heldout_subject_seeds(cfg.world.num_heldout_subjects,
+                                      world.web_subject_ids(pairs), cfg.judges.seed)
+  subjects = world.make_eval_set(seeds, image_size=16, min_exemplars=3, max_exemplars=5,
+                                 prompts_per_skill=cfg.world.prompts_per_skill,
+                                 identifier="sks")
+  corpus = synthetic.caption_dataset(cfg.corpus.seed, 16, range(cfg.corpus.num_subjects),
+                                     num_examples=2000)
+  texts = ([p.caption for p in pairs] + [c for _, c in corpus]
+           + [c for s in subjects for c in s.exemplar_captions]
+           + [t for s in subjects for p in s.prompts
+              for t in (p.prompt, p.class_prompt, p.expert_prompt)])
+  longest = max(texts, key=lambda t: len(t.encode()))
+  assert len(longest.encode()) <= room, longest
+
+
+def test_demo_full_recipe_scales_the_default_and_excludes_small():
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+
+  default, full = demo_config.get_config(), demo_config.get_config("full")
+  assert full.world.num_clusters == demo_config.FULL_CLUSTERS > default.world.num_clusters
+  assert full.suti.train.total_steps == demo_config.FULL_SUTI_STEPS > default.suti.train.total_steps
+  # Same shipped base and judges: their recipes must not change with the option.
+  assert full.base.to_dict() == default.base.to_dict()
+  assert full.judges.to_dict() == default.judges.to_dict()
+  with pytest.raises(ValueError, match="exclusive"):
+    demo_config.get_config("small,full")
+
+
 @pytest.mark.slow
 def test_demo_small_end_to_end_then_skips(tmp_path):
   from configs import demo as demo_config

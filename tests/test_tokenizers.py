@@ -1,6 +1,7 @@
 """Tests for suti_jax.models.text.tokenizers (byte and SentencePiece)."""
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -27,6 +28,23 @@ def test_byte_truncation_keeps_eos():
   ids, mask = tokenizers.ByteTokenizer().encode(["hello"], max_length=4)
   np.testing.assert_array_equal(ids, [[ord("h") + 3, ord("e") + 3, ord("l") + 3, 1]])
   assert mask.all()
+
+
+def test_cutting_a_text_is_said_once_per_max_length(caplog, monkeypatch):
+  monkeypatch.setattr(tokenizers, "_WARNED_CUT", set())
+  tok = tokenizers.ByteTokenizer()
+  with caplog.at_level(logging.WARNING):
+    tok.encode(["fits", "abcdefg"], max_length=8)  # 4 and 7 bytes + eos: nothing cut
+    assert not caplog.records
+    tok.encode(["a photo of the red toy on a beach", "short"], max_length=8)
+    tok.encode(["another text that is far too long"], max_length=8)
+  cut = [r.getMessage() for r in caplog.records]
+  assert len(cut) == 1, cut
+  assert "text.max_length=8 cuts 1 of 2 texts" in cut[0] and "33 tokens" in cut[0]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    tok.encode(["a photo of the red toy on a beach"], max_length=16)
+  assert "text.max_length=16" in caplog.text
 
 
 def test_byte_round_trip_and_vocab():

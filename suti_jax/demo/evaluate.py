@@ -111,9 +111,9 @@ def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubjec
   """One DreamBooth expert per held-out subject (class prior included), then its
   identifier prompts.
 
-  Experts train vmapped in chunks, so the time per subject is the whole run's
-  wall time (class images, fine-tunes, sampling, compilation) divided by the
-  number of subjects.
+  Experts train in chunks of `expert_cfg.max_parallel_experts`, so the time per
+  subject is the whole run's wall time (class images, fine-tunes, sampling,
+  compilation) divided by the number of subjects.
   """
   spec = base.spec
   encoder = TextEncoder(spec.text, build_tokenizer(spec.text), base.text_params)

@@ -11,10 +11,14 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from absl import logging
 
 from suti_jax.config import TextEncoderConfig
 
 PAD_ID = 0
+# max_length values already warned about: a cut text is said once per length,
+# not once per batch.
+_WARNED_CUT: set[int] = set()
 
 
 class Tokenizer(Protocol):
@@ -44,6 +48,16 @@ def pack(token_lists: Sequence[Sequence[int]], max_length: int,
   """
   if max_length < 1:
     raise ValueError(f"max_length must be >= 1 to hold eos, got {max_length}")
+  lengths = [len(tokens) for tokens in token_lists]
+  cut = sum(n > max_length - 1 for n in lengths)
+  if cut and max_length not in _WARNED_CUT:
+    # Silent cutting hides what the model never sees (a scene named after the
+    # first tokens); said once per max_length.
+    _WARNED_CUT.add(max_length)
+    logging.warning("text.max_length=%d cuts %d of %d texts (the longest has %d tokens plus "
+                    "eos); the encoder sees only their first %d tokens: raise "
+                    "text.max_length to keep whole texts", max_length, cut, len(lengths),
+                    max(lengths), max_length - 1)
   ids = np.full((len(token_lists), max_length), PAD_ID, np.int32)
   mask = np.zeros((len(token_lists), max_length), bool)
   for row, tokens in enumerate(token_lists):
