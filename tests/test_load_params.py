@@ -123,14 +123,15 @@ def test_damaged_or_foreign_state_is_a_checkpoint_error(saved, tmp_path):
 
 
 def test_shipped_demo_base_installs_loads_and_samples(tmp_path):
-  """`pretrained/demo_base` (T5 inside its state item) is what `make demo`
-  installs: it still loads as a stage and samples."""
+  """`pretrained/demo_base` is what `make demo` installs: it loads as a stage
+  with the demo's text length and samples."""
   from configs import demo  # pylint: disable=import-outside-toplevel
   from suti_jax.demo import pretrained  # pylint: disable=import-outside-toplevel
   recipe = pretrained.install("pretrained/demo_base", "checkpoints", str(tmp_path / "checkpoints"))
   stage = inference.load_stage(str(tmp_path))
   assert stage.step == recipe["step"] == demo.BASE_STEPS
   assert jax.tree.leaves(stage.text_params)
+  assert stage.spec.text.max_length == demo.TEXT_BYTES
   images = inference.Pipeline([stage]).text_to_image(["a toy"], 1, jax.random.PRNGKey(0),
                                                      num_steps=2)
   assert images.shape == (1, stage.image_size, stage.image_size, 3) and images.std() > 0
