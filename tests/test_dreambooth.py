@@ -149,11 +149,24 @@ def test_expert_target_renderer_renders_every_prompt(world):
   assert [t.prompt for t in targets] == [p.prompt for p in prompts]
   assert all(t.error == "" and t.image.shape == (16, 16, 3) and t.image.dtype == np.uint8
              for t in targets)
+  # The recipe's render guidance reaches the sampler (other scale, other images).
+  guided = renderer_lib.ExpertTargetRenderer(
+      base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2, render_guidance_scale=6.0))
+  guided.setup()
+  guided_targets = guided.render_targets(cluster, prompts, seed=7)
+  assert any(not np.array_equal(a.image, b.image) for a, b in zip(targets, guided_targets))
   no_description = dataclasses.replace(cluster, description="")
   assert all(t.image is None and t.error for t in renderer.render_targets(
       no_description, prompts, seed=7))
   with pytest.raises(ValueError):
     renderer_lib.ExpertTargetRenderer()
+
+
+def test_render_sampling_replaces_only_the_guidance_scale():
+  sampling = config_lib.SamplingConfig(num_steps=9, guidance_scale=1.35)
+  assert dreambooth.ExpertConfig().render_sampling(sampling) is sampling
+  guided = dreambooth.ExpertConfig(render_guidance_scale=4.0).render_sampling(sampling)
+  assert guided == dataclasses.replace(sampling, guidance_scale=4.0)
 
 
 def _mse(images: np.ndarray, target: np.ndarray) -> float:

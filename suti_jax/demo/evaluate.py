@@ -117,7 +117,7 @@ def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubjec
   """
   spec = base.spec
   encoder = TextEncoder(spec.text, build_tokenizer(spec.text), base.text_params)
-  sampling = dataclasses.replace(spec.sampling, num_steps=num_steps)
+  sampling = expert_cfg.render_sampling(dataclasses.replace(spec.sampling, num_steps=num_steps))
   start = time.time()
   experts = dreambooth.finetune_experts(
       base.params, encoder, spec.model, spec.diffusion,

@@ -70,5 +70,6 @@ class DreamBoothMethod(dreambench.GenerationMethod):
     identified = dreambooth.identifier_prompt(prompt, subject.class_noun, subject.class_noun)
     return dreambooth.render(
         self._expert(subject), [identified] * num_images, jax.random.PRNGKey(seed),
-        self.base.sampling_cfg, text_encoder=self.base.text_encoder,
+        self.expert_cfg.render_sampling(self.base.sampling_cfg),
+        text_encoder=self.base.text_encoder,
         unet_cfg=self.base.unet_cfg, diffusion_cfg=self.base.diffusion_cfg)

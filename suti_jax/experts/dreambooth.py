@@ -51,6 +51,9 @@ class ExpertConfig:
       XLA:CPU runs about half as fast (configs/demo.py).
     max_instance_images: subject images are zero-padded to at least this many
       slots, so subjects with 3, 4 or 5 images share one compiled step.
+    render_guidance_scale: CFG scale of the expert's renders; None keeps the
+      base stage's sampling config. A fine-tuned expert drifts from the prompt
+      towards its instance images, and a stronger text guidance pulls it back.
   """
 
   num_steps: int = 500
@@ -65,6 +68,7 @@ class ExpertConfig:
   identifier: str = "sks"
   max_parallel_experts: int = 8
   max_instance_images: int = 5
+  render_guidance_scale: float | None = None
 
   @classmethod
   def tiny(cls) -> ExpertConfig:
@@ -76,6 +80,12 @@ class ExpertConfig:
     """
     return cls(num_steps=150, optimizer="adam", learning_rate=1e-3, batch_size=4,
                num_class_images=8, class_sampling_steps=8, max_parallel_experts=4)
+
+  def render_sampling(self, sampling_cfg: SamplingConfig) -> SamplingConfig:
+    """The base stage's sampling config with this recipe's render guidance."""
+    if self.render_guidance_scale is None:
+      return sampling_cfg
+    return dataclasses.replace(sampling_cfg, guidance_scale=self.render_guidance_scale)
 
   def optimizer_config(self) -> OptimizerConfig:
     """The optax recipe as the trainer's OptimizerConfig (no warmup, no EMA)."""

@@ -146,7 +146,8 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
                         for p in task.prompts]
       rendered = dreambooth.render(
           experts[i], expert_prompts, jax.random.fold_in(jax.random.fold_in(key, 1), i),
-          self._sampling_cfg or base.sampling_cfg, text_encoder=base.text_encoder,
+          cfg.render_sampling(self._sampling_cfg or base.sampling_cfg),
+          text_encoder=base.text_encoder,
           unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
       out.append([pipeline_interfaces.Target(p.skill, p.prompt, image)
                   for p, image in zip(task.prompts, rendered)])
