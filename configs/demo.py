@@ -1,11 +1,11 @@
 """The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
 (experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
 
-  python -m launch.demo          # 21 min measured on a fresh clone, install included
+  python -m launch.demo          # 22 min measured on a fresh clone, install included
                                  # (README); the v2 experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
   python -m launch.demo --config=configs/demo.py:full --workdir=workdirs/demo_full \
-      --report_dir=reports/demo_full                     # the longer recipe (<= 2 h, README)
+      --report_dir=reports/demo_full                     # the longer recipe (not yet timed)
 """
 
 import ml_collections
@@ -27,11 +27,12 @@ TEXT_BYTES = 96
 BASE_STEPS = 6000
 # SuTI training steps of each of the two models (v2, v1). In-context copying
 # appears late: held-out subject fidelity of SuTI v1 was 0.17 / 0.34 / 0.48 / 0.53
-# at 600 / 1200 / 1800 / 2400 steps (batch 16).
+# at 600 / 1200 / 1800 / 2400 steps (batch 16, 16-byte text).
 SUTI_STEPS = 2000
 # `:full`: more web subjects is the lever that still pays (224 clusters lifted SuTI
 # v1 from 0.45 to 0.56 subject fidelity at 2000 steps), and more groups let SuTI
-# train longer before it overfits (v2 flattened after 1500 steps on 469 groups).
+# train longer before it overfits (v2 flattened after 1500 steps on 469 groups;
+# both with 16-byte text).
 FULL_CLUSTERS = 480
 FULL_SUTI_STEPS = 4000
 
