@@ -81,7 +81,8 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
       expert_cfg: fine-tuning recipe, or a dict of `ExpertConfig.tiny()` field
         overrides (the pipeline's JSON `--renderer_options`); default
         `ExpertConfig.tiny()`.
-      sampling_cfg: how targets are sampled; default the base stage's.
+      sampling_cfg: how targets are sampled; default the base stage's. The expert
+        recipe's `render_guidance_scale`, when set, replaces its guidance scale.
       max_images: cluster images an expert trains on (DreamBooth: 3-5).
     """
     if bool(workdir) == (base is not None):
