@@ -194,23 +194,20 @@ def test_heldout_subjects_are_disjoint_and_have_ground_truth():
       assert p.target.shape == (16, 16, 3)
 
 
-def test_demo_texts_fit_the_text_encoder():
+def test_demo_texts_fit_the_text_encoder(tmp_path):
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
 
   cfg = demo_config.get_config()
   room = demo_config.TEXT_BYTES - 1  # eos takes one token
   assert {cfg[s].text.max_length for s in ("base", "sr", "suti")} == {demo_config.TEXT_BYTES}
-  pairs = world.make_web(cfg.world.num_clusters, cfg.seed, cfg.world.web_size_px)
-  seeds = world.heldout_subject_seeds(cfg.world.num_heldout_subjects,
-                                      world.web_subject_ids(pairs), cfg.judges.seed)
-  subjects = world.make_eval_set(seeds, image_size=16, min_exemplars=3, max_exemplars=5,
-                                 prompts_per_skill=cfg.world.prompts_per_skill,
-                                 identifier="sks")
-  corpus = synthetic.caption_dataset(cfg.corpus.seed, 16, range(cfg.corpus.num_subjects),
-                                     num_examples=2000)
-  texts = ([p.caption for p in pairs] + [c for _, c in corpus]
-           + [c for s in subjects for c in s.exemplar_captions]
-           + [t for s in subjects for p in s.prompts
+  demo = recipe.Demo(cfg, str(tmp_path / "work"), str(tmp_path / "report"))
+  # The base's corpus: the first 2000 captions of its generator (all 12000 render slowly).
+  corpus = synthetic.caption_dataset(cfg.corpus.seed, cfg.world.image_size,
+                                     range(cfg.corpus.num_subjects), num_examples=2000)
+  texts = ([p.caption for p in demo.web] + [c for _, c in corpus]
+           + [c for s in demo.eval_set for c in s.exemplar_captions]
+           + [t for s in demo.eval_set for p in s.prompts
               for t in (p.prompt, p.class_prompt, p.expert_prompt)])
   longest = max(texts, key=lambda t: len(t.encode()))
   assert len(longest.encode()) <= room, longest
