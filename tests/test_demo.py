@@ -71,6 +71,38 @@ def test_runner_reruns_on_missing_output_or_new_fingerprint(tmp_path):
     StageRunner(workdir, lambda _: None).run([_stage("a", calls, tmp_path)] * 2)
 
 
+def test_a_changed_recipe_starts_from_empty_folders_and_a_resume_keeps_them(tmp_path):
+  """A stage's folders survive an interruption under the same fingerprint (a
+  trainer resumes) but not a new fingerprint (stale checkpoints would resume)."""
+  workdir = tmp_path / "wd"
+  seen = []
+
+  def stage(fingerprint, fail=False):
+    def fn():
+      ckpt = workdir / "train" / "step"
+      seen.append(ckpt.exists())
+      ckpt.parent.mkdir(parents=True, exist_ok=True)
+      ckpt.write_text(str(fingerprint))
+      if fail:
+        raise RuntimeError("preempted")
+      return {"paths": {"train": "train"}}
+    return Stage("train", fn, fingerprint, folders=("train",))
+
+  log = []
+  with pytest.raises(RuntimeError, match="preempted"):
+    StageRunner(str(workdir), log.append).run([stage(1, fail=True)])
+  StageRunner(str(workdir), log.append).run([stage(1)])
+  assert seen == [False, True]  # The interrupted run's checkpoint was resumed from.
+  StageRunner(str(workdir), log.append).run([stage(2)])
+  assert seen == [False, True, False]  # The new recipe did not see the old one's.
+  assert (workdir / "train" / "step").read_text() == "2"
+  assert any("written by another recipe" in line for line in log)
+  # Folders of unknown origin (no record of who wrote them) count as stale too.
+  os.remove(workdir / "markers" / "train.started")
+  StageRunner(str(workdir), log.append).run([stage(3)])
+  assert seen[-1] is False
+
+
 def test_parallel_runner_overlaps_independent_stages_and_orders_dependent_ones(tmp_path):
   workdir = str(tmp_path / "wd")
   events = {name: threading.Event() for name in ("a", "b")}

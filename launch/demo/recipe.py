@@ -56,6 +56,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, watcher: preemption.Pre
 class Demo:
   """The demo's stages over one config, workdir and report folder."""
 
+  # The workdir folders each stage writes: emptied when the stage runs under a
+  # new recipe, so a trainer never resumes another recipe's checkpoints.
+  FOLDERS = {"web": ("web",), "train_base": ("base",), "train_sr": ("sr",),
+             "train_judges": ("judges",), "icl_v2": ("icl_v2",), "icl_v1": ("icl_v1",),
+             "train_suti_v2": ("suti_v2",), "train_suti_v1": ("suti_v1",)}
+
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str,
                watcher: preemption.PreemptionWatcher | None = None, *,
                retrain: Collection[str] = (), save_to: Mapping[str, str] | None = None):
@@ -373,7 +379,7 @@ class Demo:
       fingerprints[name] = [own, [fingerprints[d] for d in deps]]
       if name not in independent:
         fingerprints[name].append(world)
-      out.append(Stage(name, fn, fingerprints[name], deps))
+      out.append(Stage(name, fn, fingerprints[name], deps, self.FOLDERS.get(name, ())))
     return out
 
   def stage_names(self) -> list[str]:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -34,12 +35,18 @@ class Stage:
       with another fingerprint is stale and the stage runs again.
     deps: names of the stages whose outputs this one reads; it starts only after
       they are done.
+    folders: folders the stage writes (relative to the workdir or absolute).
+      A stage that starts under another fingerprint than they were written
+      with finds them deleted, so a changed recipe never resumes from stale
+      checkpoints; a stage interrupted and started again under the same
+      fingerprint keeps them and resumes.
   """
 
   name: str
   fn: Callable[[], dict[str, Any]]
   fingerprint: Any = None
   deps: tuple[str, ...] = ()
+  folders: tuple[str, ...] = ()
 
 
 def fingerprint_of(value: Any) -> str:
@@ -58,6 +65,10 @@ class StageRunner:
 
   def marker_path(self, name: str) -> str:
     return os.path.join(self.workdir, MARKER_DIR, f"{name}.json")
+
+  def started_path(self, name: str) -> str:
+    """Where the fingerprint the stage's folders were last written with is kept."""
+    return os.path.join(self.workdir, MARKER_DIR, f"{name}.started")
 
   def _resolve(self, path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(self.workdir, path)
@@ -148,7 +159,27 @@ class StageRunner:
       raise failure
     return {name: markers[name] for name in names}
 
+  def _claim_folders(self, stage: Stage) -> None:
+    """Deletes the stage's folders unless they were started with its fingerprint,
+    then records that fingerprint (folders of unknown origin count as stale)."""
+    fingerprint = fingerprint_of(stage.fingerprint)
+    try:
+      with open(self.started_path(stage.name)) as f:
+        started = f.read()
+    except OSError:
+      started = None
+    if started != fingerprint:
+      for folder in map(self._resolve, stage.folders):
+        if os.path.exists(folder):
+          self._log(f"{stage.name}: {folder} was written by another recipe; deleting it")
+          shutil.rmtree(folder)
+    tmp = self.started_path(stage.name) + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(fingerprint)
+    os.replace(tmp, self.started_path(stage.name))
+
   def _run_one(self, stage: Stage) -> dict[str, Any]:
+    self._claim_folders(stage)
     start, start_cpu = time.time(), time.process_time()
     start_compile = compile_cache.thread_compile_seconds()
     outputs = stage.fn()
