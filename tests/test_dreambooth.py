@@ -129,8 +129,9 @@ def _png(image: np.ndarray) -> bytes:
 @pytest.mark.slow  # several expert fine-tunes
 def test_expert_target_renderer_renders_every_prompt(world):
   images, noun = world["subjects"][0]
-  members = tuple(pipeline_interfaces.WebRecord(f"id{i}", f"http://shop/{i}", "cap", _png(x))
-                  for i, x in enumerate(images))
+  members = tuple(pipeline_interfaces.WebRecord(
+      f"id{i}", f"http://shop/{i}", f"a red and blue {noun} in scene {i}", _png(x))
+      for i, x in enumerate(images))
   cluster = pipeline_interfaces.Cluster("shop", members, description=f"red and blue {noun}")
   # As many prompts as class images, and the same sampler settings: the compiled
   # sampler of the fixture is reused.
@@ -155,6 +156,13 @@ def test_expert_target_renderer_renders_every_prompt(world):
   guided.setup()
   guided_targets = guided.render_targets(cluster, prompts, seed=7)
   assert any(not np.array_equal(a.image, b.image) for a, b in zip(targets, guided_targets))
+  # Captioned experts train on 'a sks <noun> in scene i' (other texts, other experts).
+  captioned = renderer_lib.ExpertTargetRenderer(
+      base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2, instance_captions=True))
+  captioned.setup()
+  captioned_targets = captioned.render_targets(cluster, prompts, seed=7)
+  assert all(t.error == "" for t in captioned_targets)
+  assert any(not np.array_equal(a.image, b.image) for a, b in zip(targets, captioned_targets))
   no_description = dataclasses.replace(cluster, description="")
   assert all(t.image is None and t.error for t in renderer.render_targets(
       no_description, prompts, seed=7))
@@ -167,6 +175,53 @@ def test_render_sampling_replaces_only_the_guidance_scale():
   assert dreambooth.ExpertConfig().render_sampling(sampling) is sampling
   guided = dreambooth.ExpertConfig(render_guidance_scale=4.0).render_sampling(sampling)
   assert guided == dataclasses.replace(sampling, guidance_scale=4.0)
+
+
+def test_instance_prompts_are_the_identifier_captions_when_asked():
+  captions = ["a red owl on the beach", "the Red Owl at night", "an owl"]
+  plain = dreambooth.ExpertConfig(identifier="zwx")
+  assert plain.instance_prompts("owl", 3) == ["a zwx owl"] * 3
+  captioned = dataclasses.replace(plain, instance_captions=True)
+  assert captioned.instance_prompts("owl", 3, captions, "red owl") == [
+      "a zwx owl on the beach", "the zwx owl at night", "an owl, zwx owl"]
+  for bad in (dict(captions=None, subject_phrase="red owl"),
+              dict(captions=captions[:2], subject_phrase="red owl"),
+              dict(captions=captions, subject_phrase="")):
+    with pytest.raises(ValueError, match="instance_captions"):
+      captioned.instance_prompts("owl", 3, **bad)
+
+
+def test_each_instance_image_trains_on_its_own_prompt(world):
+  """`instance_texts` gives image i the embedding of text i; padded slots get none."""
+  subjects = world["subjects"]
+  texts = [[f"{i} sks {noun}" for i in range(len(images))]  # within max_length 16
+           for images, noun in subjects]
+  data = dreambooth.prepare_subjects(
+      world["params"], world["encoder"], world["unet_cfg"], world["diffusion_cfg"], subjects,
+      _CFG, jax.random.PRNGKey(2), texts)
+  for (images, noun), subject_texts, d, default in zip(subjects, texts, data, world["data"]):
+    k = len(images)
+    emb, mask = map(np.asarray, world["encoder"].encode(subject_texts))
+    np.testing.assert_allclose(d["instance_emb"][:k], emb, rtol=1e-4, atol=1e-4)  # other batch sizes
+    np.testing.assert_array_equal(d["instance_mask"][:k], mask)
+    assert not d["instance_mask"][k:].any() and not d["instance_emb"][k:].any()
+    assert d["instance_emb"].shape[0] == _CFG.max_instance_images
+    # The default gives every image the same 'a sks <noun>'; these texts differ.
+    one, _ = map(np.asarray, world["encoder"].encode([dreambooth.instance_prompt(noun)]))
+    np.testing.assert_allclose(default["instance_emb"][:k], np.repeat(one, k, axis=0),
+                               rtol=1e-4, atol=1e-4)  # other batch sizes
+    assert not np.allclose(emb[0], emb[1])
+  # A drawn batch pairs each image with its own text.
+  batch = dreambooth._draw_batch(jax.tree.map(jax.numpy.asarray, data[0]),
+                                 jax.random.PRNGKey(4), 16)
+  for image, emb in zip(np.asarray(batch["instance"]), np.asarray(batch["instance_emb"])):
+    (i,) = [j for j in range(len(subjects[0][0]))
+            if np.array_equal(image, data[0]["instance_images"][j])]
+    np.testing.assert_array_equal(emb, data[0]["instance_emb"][i])
+  with pytest.raises(ValueError, match="subject 0: 1 instance texts for 3 images"):
+    dreambooth.prepare_subjects(world["params"], world["encoder"], world["unet_cfg"],
+                                world["diffusion_cfg"], subjects, _CFG, jax.random.PRNGKey(2),
+                                [texts[0][:1], texts[1]])
 
 
 def _mse(images: np.ndarray, target: np.ndarray) -> float:

@@ -121,7 +121,9 @@ def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubjec
   start = time.time()
   experts = dreambooth.finetune_experts(
       base.params, encoder, spec.model, spec.diffusion,
-      [(s.exemplar_images, s.class_noun) for s in eval_set], expert_cfg, key)
+      [(s.exemplar_images, s.class_noun) for s in eval_set], expert_cfg, key,
+      [expert_cfg.instance_prompts(s.class_noun, len(s.exemplar_images),
+                                   s.exemplar_captions, s.description) for s in eval_set])
   images = [dreambooth.render(expert, [p.expert_prompt for p in subject.prompts],
                               jax.random.fold_in(key, s), sampling, text_encoder=encoder,
                               unet_cfg=spec.model, diffusion_cfg=spec.diffusion)

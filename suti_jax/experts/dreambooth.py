@@ -54,6 +54,11 @@ class ExpertConfig:
     render_guidance_scale: CFG scale of the expert's renders; None keeps the
       base stage's sampling config. A fine-tuned expert drifts from the prompt
       towards its instance images, and a stronger text guidance pulls it back.
+    instance_captions: train each subject image on its own caption with the
+      subject phrase replaced by the identifier ('a sks badge on the beach')
+      instead of DreamBooth's one 'a sks badge' for all. The caption explains
+      the image's context, so the identifier binds to the subject alone and
+      the expert follows new contexts (`instance_prompts`).
   """
 
   num_steps: int = 500
@@ -69,6 +74,7 @@ class ExpertConfig:
   max_parallel_experts: int = 8
   max_instance_images: int = 5
   render_guidance_scale: float | None = None
+  instance_captions: bool = False
 
   @classmethod
   def tiny(cls) -> ExpertConfig:
@@ -86,6 +92,31 @@ class ExpertConfig:
     if self.render_guidance_scale is None:
       return sampling_cfg
     return dataclasses.replace(sampling_cfg, guidance_scale=self.render_guidance_scale)
+
+  def instance_prompts(self, class_noun: str, num_images: int,
+                       captions: Sequence[str] | None = None,
+                       subject_phrase: str = "") -> list[str]:
+    """The training prompt of each of a subject's `num_images` images.
+
+    Args:
+      class_noun: the subject's class noun.
+      num_images: the subject's images.
+      captions: each image's caption; needed with `instance_captions`.
+      subject_phrase: how the captions name the subject (`identifier_prompt`).
+
+    Returns:
+      `num_images` prompts: the identifier captions with `instance_captions`,
+      else 'a sks <class noun>' for every image.
+    """
+    if not self.instance_captions:
+      return [instance_prompt(class_noun, self.identifier)] * num_images
+    if captions is None or len(captions) != num_images or not subject_phrase:
+      got = "no captions" if captions is None else f"{len(captions)} captions"
+      raise ValueError(f"ExpertConfig.instance_captions needs one caption per image and the "
+                       f"subject phrase; got {got} for {num_images} images of "
+                       f"'{class_noun}' (subject phrase {subject_phrase!r})")
+    return [identifier_prompt(c, subject_phrase, class_noun, self.identifier)
+            for c in captions]
 
   def optimizer_config(self) -> OptimizerConfig:
     """The optax recipe as the trainer's OptimizerConfig (no warmup, no EMA)."""
@@ -215,8 +246,9 @@ def _expert_loss(params: Params, batch: dict[str, jax.Array], key: jax.Array,
 
   Args:
     params: one expert's UNet params.
-    batch: 'instance' [B, H, W, 3], 'class' [B, H, W, 3] images, and
-      'instance_emb' / 'class_emb' [L, D] with masks [L].
+    batch: 'instance' [B, H, W, 3] images with their prompts' 'instance_emb'
+      [B, L, D] and 'instance_mask' [B, L]; 'class' [B, H, W, 3] images and
+      the one class prompt's 'class_emb' [L, D] with its mask [L].
     key: PRNG key for t and eps.
     statics: configs.
 
@@ -225,9 +257,9 @@ def _expert_loss(params: Params, batch: dict[str, jax.Array], key: jax.Array,
   """
   b = batch["instance"].shape[0]
   x0 = jnp.concatenate([batch["instance"], batch["class"]])
-  emb = jnp.concatenate([einops.repeat(batch["instance_emb"], "l d -> b l d", b=b),
+  emb = jnp.concatenate([batch["instance_emb"],
                          einops.repeat(batch["class_emb"], "l d -> b l d", b=b)])
-  mask = jnp.concatenate([einops.repeat(batch["instance_mask"], "l -> b l", b=b),
+  mask = jnp.concatenate([batch["instance_mask"],
                           einops.repeat(batch["class_mask"], "l -> b l", b=b)])
   model = UNet(statics.unet_cfg)
 
@@ -244,14 +276,16 @@ def _expert_loss(params: Params, batch: dict[str, jax.Array], key: jax.Array,
 
 def _draw_batch(data: dict[str, jax.Array], key: jax.Array, batch_size: int
                 ) -> dict[str, jax.Array]:
-  """Random subject and class images for one expert's step (with replacement)."""
+  """Random subject images (with their prompts) and class images for one expert's
+  step (with replacement)."""
   inst_key, cls_key = jax.random.split(key)
   # Subjects have 1..K_max real images; padded slots are never drawn.
   inst_idx = jax.random.randint(inst_key, (batch_size,), 0, data["num_instance"])
   cls_idx = jax.random.randint(cls_key, (batch_size,), 0, data["class_images"].shape[0])
   return dict(instance=data["instance_images"][inst_idx],
               **{"class": data["class_images"][cls_idx]},
-              instance_emb=data["instance_emb"], instance_mask=data["instance_mask"],
+              instance_emb=data["instance_emb"][inst_idx],
+              instance_mask=data["instance_mask"][inst_idx],
               class_emb=data["class_emb"], class_mask=data["class_mask"])
 
 
@@ -310,7 +344,9 @@ def expert_losses(params: Params, data: dict[str, np.ndarray], key: jax.Array,
 def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: UNetConfig,
                      diffusion_cfg: DiffusionConfig,
                      subjects: Sequence[tuple[np.ndarray, str]], cfg: ExpertConfig,
-                     key: jax.Array) -> list[dict[str, np.ndarray]]:
+                     key: jax.Array,
+                     instance_texts: Sequence[Sequence[str]] | None = None
+                     ) -> list[dict[str, np.ndarray]]:
   """Per-subject training arrays, with class images generated once per class noun.
 
   Args:
@@ -319,11 +355,15 @@ def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
     unet_cfg / diffusion_cfg / cfg: the configs.
     subjects: (uint8 images [K, H, W, 3], class noun) per subject.
     key: PRNG key for the class images.
+    instance_texts: per subject, the training prompt of each of its images
+      (`ExpertConfig.instance_prompts`); default 'a sks <class noun>' for all.
 
   Returns:
     Per subject: 'instance_images' float [K_max, H, W, 3] (zero padded),
-    'num_instance' int, 'class_images' float [num_class_images, H, W, 3] and
-    text embeddings 'instance_emb'/'class_emb' [L, D] with masks [L].
+    'num_instance' int, 'class_images' float [num_class_images, H, W, 3], the
+    images' prompt embeddings 'instance_emb' [K_max, L, D] with masks
+    'instance_mask' [K_max, L] (padded slots: all False), and the class
+    prompt's 'class_emb' [L, D] with its mask [L].
   """
   nouns = sorted({noun for _, noun in subjects})
   sampling_cfg = SamplingConfig(num_steps=cfg.class_sampling_steps,
@@ -336,20 +376,32 @@ def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
       for i, noun in enumerate(nouns)}
   class_text = dict(zip(nouns, zip(*map(np.asarray, text_encoder.encode(
       [class_prompt(n) for n in nouns])))))
-  inst_emb, inst_mask = map(np.asarray, text_encoder.encode(
-      [instance_prompt(noun, cfg.identifier) for _, noun in subjects]))
+  if instance_texts is None:
+    instance_texts = [instance_prompt(noun, cfg.identifier) for images, noun in subjects
+                      for _ in images]
+  else:
+    for i, ((images, _), texts) in enumerate(zip(subjects, instance_texts, strict=True)):
+      if len(texts) != len(images):
+        raise ValueError(f"subject {i}: {len(texts)} instance texts for {len(images)} images")
+    instance_texts = [t for texts in instance_texts for t in texts]
+  inst_emb, inst_mask = map(np.asarray, text_encoder.encode(instance_texts))
   k_max = max([cfg.max_instance_images] + [len(images) for images, _ in subjects])
-  out = []
+  out, start = [], 0
   for i, (images, noun) in enumerate(subjects):
     if images.shape[1:3] != (unet_cfg.image_size, unet_cfg.image_size):
       raise ValueError(f"subject {i}: images are {images.shape[1:3]}, the UNet makes "
                        f"{unet_cfg.image_size} px")
+    k = len(images)
     padded = np.zeros((k_max,) + images.shape[1:], np.float32)
-    padded[:len(images)] = to_float(images)
-    out.append(dict(instance_images=padded, num_instance=np.int32(len(images)),
-                    class_images=class_images[noun], instance_emb=inst_emb[i],
-                    instance_mask=inst_mask[i], class_emb=class_text[noun][0],
-                    class_mask=class_text[noun][1]))
+    padded[:k] = to_float(images)
+    emb = np.zeros((k_max,) + inst_emb.shape[1:], inst_emb.dtype)
+    emb[:k] = inst_emb[start:start + k]
+    mask = np.zeros((k_max,) + inst_mask.shape[1:], bool)
+    mask[:k] = inst_mask[start:start + k]
+    start += k
+    out.append(dict(instance_images=padded, num_instance=np.int32(k),
+                    class_images=class_images[noun], instance_emb=emb, instance_mask=mask,
+                    class_emb=class_text[noun][0], class_mask=class_text[noun][1]))
   return out
 
 
@@ -399,12 +451,14 @@ def finetune_prepared(base_params: Params, data: Sequence[dict[str, np.ndarray]]
 def finetune_experts(base_params: Params, text_encoder: TextEncoder, unet_cfg: UNetConfig,
                      diffusion_cfg: DiffusionConfig,
                      subjects: Sequence[tuple[np.ndarray, str]], cfg: ExpertConfig,
-                     key: jax.Array) -> list[Params]:
+                     key: jax.Array,
+                     instance_texts: Sequence[Sequence[str]] | None = None) -> list[Params]:
   """DreamBooth: one fine-tuned UNet per subject, with class prior preservation.
 
-  Each expert learns 'a sks <class noun>' -> its subject's images while a
-  lambda-weighted loss on the frozen model's own 'a <class noun>' samples keeps the
-  class prior (Ruiz et al. 2023, eq. 2).
+  Each expert learns 'a sks <class noun>' (or each image's identifier caption,
+  `instance_texts`) -> its subject's images while a lambda-weighted loss on the
+  frozen model's own 'a <class noun>' samples keeps the class prior (Ruiz et al.
+  2023, eq. 2).
 
   Args:
     base_params: the trained text-to-image UNet's params (boxed or not).
@@ -414,11 +468,13 @@ def finetune_experts(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
     subjects: (uint8 images [K, H, W, 3] at the UNet's size, class noun) each.
     cfg: steps, optimizer, prior weight, class images.
     key: PRNG key.
+    instance_texts: per subject, each image's training prompt
+      (`ExpertConfig.instance_prompts`); default 'a sks <class noun>' for all.
 
   Returns:
     One unboxed UNet param tree per subject, in order.
   """
   class_key, train_key = jax.random.split(key)
   data = prepare_subjects(base_params, text_encoder, unet_cfg, diffusion_cfg, subjects,
-                          cfg, class_key)
+                          cfg, class_key, instance_texts)
   return finetune_prepared(base_params, data, unet_cfg, diffusion_cfg, cfg, train_key)

@@ -106,6 +106,11 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
     return np.stack([dreambooth.to_uint8(images_lib.preprocess_array(x, size))
                      for x in decoded])
 
+  def _instance_prompts(self, cluster: pipeline_interfaces.Cluster, noun: str) -> list[str]:
+    members = cluster.members[:self._max_images]
+    return self._expert_cfg.instance_prompts(noun, len(members), [m.caption for m in members],
+                                             cluster.description)
+
   def render_targets(self, cluster: pipeline_interfaces.Cluster,
                      prompts: Sequence[pipeline_interfaces.PromptSpec], seed: int
                      ) -> list[pipeline_interfaces.Target]:
@@ -134,7 +139,8 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
     experts = dict(zip(ready, dreambooth.finetune_experts(
         base.params, base.text_encoder, base.unet_cfg, base.diffusion_cfg,
         [(self._subject_images(tasks[i].cluster), nouns[i]) for i in ready], cfg,
-        jax.random.fold_in(key, 0))))
+        jax.random.fold_in(key, 0),
+        [self._instance_prompts(tasks[i].cluster, nouns[i]) for i in ready])))
     out = []
     for i, task in enumerate(tasks):
       if i not in experts:
