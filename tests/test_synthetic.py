@@ -157,6 +157,23 @@ def test_web_pairs_have_the_stated_mix():
     assert (noisy > 0) == (kind in ("noisy_captions", "off_subject"))
 
 
+def test_product_shots_are_mostly_studio_shots():
+  """Web photos follow `PRODUCT_SHOTS`: half plain, a quarter another view, a quarter
+  one of the other skills (so same-cluster targets resemble their exemplars)."""
+  rng = np.random.default_rng(0)
+  subject = sy.make_subject(5)
+  draws = 4000
+  kinds = collections.Counter()
+  for _ in range(draws):
+    skills = sy.product_shot(rng, subject).skills
+    assert len(skills) <= 1
+    kinds[skills[0] if skills else "plain"] += 1
+  assert abs(kinds.pop("plain") / draws - 0.5) < 0.03
+  assert abs(kinds.pop("novel_view") / draws - 0.25) < 0.03
+  assert set(kinds) == set(sy.SKILLS) - {"novel_view"}
+  assert abs(sum(kinds.values()) / draws - 0.25) < 0.03
+
+
 def test_caption_dataset_describes_the_image():
   examples = list(sy.caption_dataset(seed=1, size_px=16, subject_seeds=range(50), num_examples=20))
   assert len(examples) == 20

@@ -116,8 +116,8 @@ def make_eval_subject(seed: int, *, image_size: int, min_exemplars: int, max_exe
                       prompts_per_skill: int, identifier: str) -> EvalSubject:
   """One held-out subject with exemplars and prompts over all five skills.
 
-  Exemplars are web-like: a plain shot first, then random one-skill scenes
-  with web-style captions.
+  Exemplars are web-like: a plain shot first, then product shots
+  (`synthetic.product_shot`) with web-style captions.
 
   Args:
     seed: the subject's seed.
@@ -134,8 +134,7 @@ def make_eval_subject(seed: int, *, image_size: int, min_exemplars: int, max_exe
   scenes = [synthetic.Scene()]
   num_exemplars = int(rng.integers(min_exemplars, max_exemplars + 1))
   while len(scenes) < num_exemplars:
-    skill = synthetic.SKILLS[int(rng.integers(len(synthetic.SKILLS)))]
-    scenes.append(synthetic.random_scene(skill, rng, subject))
+    scenes.append(synthetic.product_shot(rng, subject))
   exemplars = np.stack([synthetic.render(subject, s, image_size) for s in scenes])
   captions = tuple(synthetic.write_caption(subject, s, rng) for s in scenes)
   desc = description(subject)

@@ -5,10 +5,11 @@ from suti_jax.data.synthetic.prompts import parse_prompt, random_scene, write_ca
 from suti_jax.data.synthetic.render import part_masks, render, subject_mask
 from suti_jax.data.synthetic.scene import SKILLS, Scene
 from suti_jax.data.synthetic.subjects import Part, Subject, make_subject
-from suti_jax.data.synthetic.web import WebPair, caption_dataset, generate_web_pairs
+from suti_jax.data.synthetic.web import (PRODUCT_SHOTS, WebPair, caption_dataset,
+                                        generate_web_pairs, product_shot)
 
 __all__ = [
-    "SKILLS", "Part", "Scene", "Subject", "WebPair", "caption_dataset",
+    "PRODUCT_SHOTS", "SKILLS", "Part", "Scene", "Subject", "WebPair", "caption_dataset",
     "generate_web_pairs", "make_subject", "parse_prompt", "part_masks",
-    "random_scene", "render", "subject_mask", "write_caption", "write_prompt",
+    "product_shot", "random_scene", "render", "subject_mask", "write_caption", "write_prompt",
 ]

@@ -1,7 +1,8 @@
 """A synthetic "web" of image-text pairs with product-page URLs, and a caption dataset.
 
-URL clusters mostly show one subject in varied scenes; some mix subjects, carry
-off-subject images or noisy captions, or are singletons, so the pipeline filters work.
+URL clusters mostly show one subject, largely in studio shots (`PRODUCT_SHOTS`); some
+mix subjects, carry off-subject images or noisy captions, or are singletons, so the
+pipeline filters work.
 """
 
 from __future__ import annotations
@@ -61,11 +62,29 @@ def kind_counts(num_clusters: int) -> dict[str, int]:
   return counts
 
 
+# What a product page's photos show: mostly studio shots, from the front or from
+# another side, and now and then the product in a scene, a style or a variant. A
+# same-cluster target then looks much like its exemplars, which is why SuTI v1
+# (targets from the cluster itself) learned to copy.
+PRODUCT_SHOTS: dict[str, float] = {"plain": 0.5, "novel_view": 0.25, "other_skill": 0.25}
+
+
 def _random_scene(rng: np.random.Generator, subject: subjects_lib.Subject) -> Scene:
-  # A quarter of product shots are plain studio shots.
+  # The caption corpus: a quarter plain shots, the rest one skill each.
   if rng.random() < 0.25:
     return Scene()
   return prompts.random_scene(str(rng.choice(SKILLS)), rng, subject)
+
+
+def product_shot(rng: np.random.Generator, subject: subjects_lib.Subject) -> Scene:
+  """A web photo's scene, drawn by `PRODUCT_SHOTS`."""
+  kind = str(rng.choice(list(PRODUCT_SHOTS), p=list(PRODUCT_SHOTS.values())))
+  if kind == "plain":
+    return Scene()
+  if kind == "novel_view":
+    return prompts.random_scene("novel_view", rng, subject)
+  others = [s for s in SKILLS if s != "novel_view"]
+  return prompts.random_scene(str(rng.choice(others)), rng, subject)
 
 
 def _url(rng: np.random.Generator, shop: int, slug: str, index: int) -> str:
@@ -76,7 +95,7 @@ def _url(rng: np.random.Generator, shop: int, slug: str, index: int) -> str:
 
 
 def _pair(rng, subject, size_px, url, kind, caption=None) -> WebPair:
-  scene = _random_scene(rng, subject)
+  scene = product_shot(rng, subject)
   image = render(subject, scene, size_px)
   if caption is None:
     caption = prompts.write_caption(subject, scene, rng)
