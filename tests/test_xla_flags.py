@@ -30,3 +30,12 @@ def test_opt_out_and_unmeasured_jaxlib_add_nothing():
 
 def test_this_process_has_the_flag():
   assert FLAG.lstrip("-").split("=")[0] in os.environ["XLA_FLAGS"]
+
+
+def test_the_demo_opts_out_by_the_same_name():
+  """launch/demo sets the opt-out before importing suti_jax, so it spells the name out;
+  this keeps the two spellings from drifting apart."""
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "launch", "demo", "__main__.py")
+  with open(path) as f:
+    source = f.read()
+  assert f'os.environ.setdefault("{xla_flags.OPT_OUT_ENV}", "1")' in source
