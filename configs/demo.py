@@ -108,8 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 4-wide and 7.7 s one by one.
   # They render with text guidance 4 (the base samples at 1.35): fine-tuned on a few
   # images, an expert drifts from the prompt to its instance images. On held-out
-  # subjects photographed in varied scenes that raised its text fidelity from 0.086 to 0.150 at the same subject
-  # fidelity (0.475 vs 0.469); guidance 8 gave 0.176 text at 0.409 subject.
+  # subjects photographed in varied scenes that raised its text fidelity from 0.086
+  # to 0.150 at the same subject fidelity (0.475 vs 0.469); guidance 8 gave 0.176
+  # text at 0.409 subject.
   # Each expert trains on its images' own captions with the subject phrase replaced
   # by the identifier ('a sks badge on the beach'), so 'sks' binds to the subject and
   # not to its photos' backgrounds: on held-out subjects photographed in varied
