@@ -173,10 +173,7 @@ class StageRunner:
         if os.path.exists(folder):
           self._log(f"{stage.name}: {folder} was written by another recipe; deleting it")
           shutil.rmtree(folder)
-    tmp = self.started_path(stage.name) + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(fingerprint)
-    os.replace(tmp, self.started_path(stage.name))
+    _write_atomically(self.started_path(stage.name), fingerprint)
 
   def _run_one(self, stage: Stage) -> dict[str, Any]:
     self._claim_folders(stage)
@@ -191,8 +188,14 @@ class StageRunner:
               "compile_s": compile_cache.thread_compile_seconds() - start_compile,
               "fingerprint": fingerprint_of(stage.fingerprint)}
     # Written last and atomically: a stage killed mid-way leaves no marker.
-    tmp = self.marker_path(stage.name) + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(marker, f, indent=1, sort_keys=True, default=repr)
-    os.replace(tmp, self.marker_path(stage.name))
+    _write_atomically(self.marker_path(stage.name),
+                      json.dumps(marker, indent=1, sort_keys=True, default=repr))
     return marker
+
+
+def _write_atomically(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename: never half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)

@@ -356,7 +356,8 @@ def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
     subjects: (uint8 images [K, H, W, 3], class noun) per subject.
     key: PRNG key for the class images.
     instance_texts: per subject, the training prompt of each of its images
-      (`ExpertConfig.instance_prompts`); default 'a sks <class noun>' for all.
+      (`ExpertConfig.instance_prompts`); default `cfg.instance_prompts` without
+      captions: 'a sks <class noun>' for all (an error with `instance_captions`).
 
   Returns:
     Per subject: 'instance_images' float [K_max, H, W, 3] (zero padded),
@@ -377,8 +378,8 @@ def prepare_subjects(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
   class_text = dict(zip(nouns, zip(*map(np.asarray, text_encoder.encode(
       [class_prompt(n) for n in nouns])))))
   if instance_texts is None:
-    instance_texts = [instance_prompt(noun, cfg.identifier) for images, noun in subjects
-                      for _ in images]
+    instance_texts = [t for images, noun in subjects
+                      for t in cfg.instance_prompts(noun, len(images))]
   else:
     for i, ((images, _), texts) in enumerate(zip(subjects, instance_texts, strict=True)):
       if len(texts) != len(images):
@@ -469,7 +470,7 @@ def finetune_experts(base_params: Params, text_encoder: TextEncoder, unet_cfg: U
     cfg: steps, optimizer, prior weight, class images.
     key: PRNG key.
     instance_texts: per subject, each image's training prompt
-      (`ExpertConfig.instance_prompts`); default 'a sks <class noun>' for all.
+      (`ExpertConfig.instance_prompts`); default as in `prepare_subjects`.
 
   Returns:
     One unboxed UNet param tree per subject, in order.
