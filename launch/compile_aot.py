@@ -109,10 +109,12 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
 
   Returns:
     {'stage', 'topology', 'num_slices', 'note', 'mesh', 'devices', 'device_kind',
-    'batch_size', 'param_count', 'param_sharding_excess' (per-device param bytes
-    over an even fsdp x tensor split, as the trainer checks), 'flops_per_device',
-    'flops_per_step', 'memory' (bytes per device by kind), 'peak_bytes_per_device',
-    'hbm_bytes_per_device' (None when unknown), 'hbm_fraction', 'fits', 'error'
+    'batch_size', 'grad_accum_steps', 'param_count', 'param_sharding_excess'
+    (per-device param bytes over an even fsdp x tensor split, as the trainer
+    checks), 'flops_per_device', 'flops_per_step' (all microbatches counted:
+    `metrics.train_step_flops`), 'memory' (bytes per device by kind),
+    'peak_bytes_per_device', 'hbm_bytes_per_device' (None when unknown),
+    'hbm_fraction', 'fits', 'error'
     (the compiler's out-of-memory message, else ''), 'compile_s' (lower + compile)}.
 
   Raises:
@@ -135,6 +137,7 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
   report = {"stage": sec.stage, "topology": topology, "num_slices": num_slices, "note": note,
             "mesh": mesh_lib.describe(mesh), "devices": len(devices), "device_kind": kind,
             "batch_size": sec.train.batch_size,
+            "grad_accum_steps": sec.optimizer.grad_accum_steps,
             "param_count": sum(x.size for x in jax.tree.leaves(abstract.params)),
             "param_sharding_excess": sharding_lib.assert_params_sufficiently_sharded(
                 abstract.params, mesh, raise_error=False),
@@ -151,7 +154,7 @@ def compile_report(config: Any, topology: str, num_slices: int = 1) -> dict[str,
                   flops_per_step=None, memory={}, peak_bytes_per_device=None, hbm_fraction=None)
     return report
   report["compile_s"] = time.perf_counter() - start
-  flops = metrics_lib.compiled_flops(compiled)
+  flops = metrics_lib.train_step_flops(compiled, sec.optimizer.grad_accum_steps)
   memory = metrics_lib.memory_summary(compiled)
   peak = _peak_bytes(memory)
   hbm = report["hbm_bytes_per_device"]
@@ -165,7 +168,8 @@ def format_report(report: dict[str, Any]) -> str:
   """Human-readable lines of a `compile_report`."""
   lines = [report["note"], f"stage {report['stage']}; mesh: {report['mesh']}; "
            f"params: {report['param_count']:,} ({report['param_sharding_excess']:.1%} over an "
-           f"even fsdp x tensor split); global batch {report['batch_size']}"]
+           f"even fsdp x tensor split); global batch {report['batch_size']} in "
+           f"{report['grad_accum_steps']} microbatch(es)"]
   if report["error"]:
     return "\n".join(lines + [f"DOES NOT FIT: {report['error']}"])
   lines.append(f"FLOPs per device per step: {report['flops_per_device']:.4g} "

@@ -249,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
                                            mesh, sec.rules)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                              sec.train.peak_flops_per_device)
-    flops = metrics_lib.compiled_flops(compiled)
+    flops = metrics_lib.train_step_flops(compiled, sec.optimizer.grad_accum_steps)
     logging.info("step: %.3g FLOPs per device; memory %s", flops,
                  metrics_lib.memory_summary(compiled))
     config_json = json.loads(config.to_json_best_effort())
