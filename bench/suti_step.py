@@ -117,7 +117,7 @@ class CompiledStep:
                                                 abstract_text, self.mesh, sec.rules)
     host = random_batch(abstract_batch, sec.text.vocab_size, seed)
     self.batch = sharding_lib.global_batch(host, self.mesh, sec.rules)
-    self.flops = metrics_lib.compiled_flops(self.compiled)
+    self.flops = metrics_lib.train_step_flops(self.compiled, sec.optimizer.grad_accum_steps)
     self.memory = metrics_lib.memory_summary(self.compiled)
     self.unet_params = num_params(abstract.params)
     self.text_params = num_params(abstract_text)

@@ -134,6 +134,25 @@ def test_parallel_runner_overlaps_independent_stages_and_orders_dependent_ones(t
   assert list(markers) == ["a", "b", "c"]
 
 
+def test_exclusive_stage_runs_alone_and_before_later_stages(tmp_path):
+  def busy():
+    time.sleep(0.2)
+    return {}
+
+  stages = [Stage("before", busy), Stage("solo", busy, exclusive=True), Stage("after", busy),
+            Stage("also_after", busy)]
+  markers = StageRunner(str(tmp_path / "wd"), lambda _: None).run(stages, workers=2)
+  solo = markers["solo"]
+  for name in ("before", "after", "also_after"):
+    other = markers[name]
+    assert other["end_time"] <= solo["start_time"] or other["start_time"] >= solo["end_time"]
+  # Ready from the start, it goes before the stages listed after it.
+  assert markers["after"]["start_time"] >= solo["end_time"]
+  # Stages that are not exclusive still overlap.
+  assert markers["after"]["start_time"] < markers["also_after"]["end_time"]
+  assert markers["also_after"]["start_time"] < markers["after"]["end_time"]
+
+
 def test_parallel_runner_lets_running_stages_finish_after_a_failure(tmp_path):
   workdir = str(tmp_path / "wd")
   calls = []
@@ -274,7 +293,11 @@ def test_demo_small_end_to_end_then_skips(tmp_path):
     assert all(np.isfinite(v) for v in values.values())
     assert f"| {evaluate.METHOD_LABELS[method]} |" in text
   assert metrics["methods"]["ground_truth"]["pixel_mse"] == 0.0
-  assert {"suti_v2", "suti_v1", "dreambooth"} <= set(metrics["personalization_s"])
+  assert set(metrics["personalization_s"]) == {"suti_v2", "dreambooth"}
+  assert all(v > 0 for v in metrics["personalization_s"].values())
+  timing = markers["time_personalization"]
+  assert all(m["end_time"] <= timing["start_time"] or m["start_time"] >= timing["end_time"]
+             for name, m in markers.items() if name != "time_personalization")
   assert "subject_pair_accuracy" in metrics["judges"]
   # Four saved points per SuTI model, and an interval around every mean.
   assert [len(metrics["learning_curve"][v]) for v in ("v2", "v1")] == [4, 4]
@@ -326,6 +349,23 @@ def test_demo_targets_check_exits_by_the_targets(tmp_path):
   path.write_text(json.dumps(bad))
   assert demo_targets.main([f"--metrics={path}", f"--out_dir={tmp_path}"]) == 1
   assert json.load(open(tmp_path / "demo_targets.json"))["results"]["met"] == 8
+
+
+def test_personalization_timing_leaves_out_the_warm_up_subject(monkeypatch):
+  clock, calls = [0.0], []
+
+  def method(subjects):
+    # The first call stands for the compiles: 10 s on the fake clock, then 1 s each.
+    clock[0] += 10.0 if not calls else 1.0
+    calls.append(subjects[0])
+    return evaluate.Generated(np.zeros((1, 4, 4, 3), np.uint8))
+
+  monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+  subjects = ["s0", "s1", "s2", "s3"]
+  assert evaluate.time_personalization({"m": method}, subjects, num_timed=2) == {"m": 1.0}
+  assert calls == ["s0", "s1", "s2"]
+  with pytest.raises(ValueError, match="needs 5 held-out subjects"):
+    evaluate.time_personalization({"m": method}, subjects, num_timed=4)
 
 
 def test_bootstrap_interval_resamples_subjects():

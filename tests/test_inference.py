@@ -15,6 +15,7 @@ import pytest
 import train_testlib as tl
 from train_testlib import fast_compiles  # noqa: F401  (autouse fixture)
 from suti_jax import inference
+from suti_jax.inference import pipeline as pipeline_lib
 from suti_jax.inference import sampler
 from suti_jax.models import unet as unet_lib
 from suti_jax.models.exemplar import ExemplarInputs
@@ -78,13 +79,15 @@ def test_text_to_image_two_stage_cascade(cascade_stages):
   key = jax.random.PRNGKey(0)
   out = pipeline.text_to_image(["a cat", "a dog"], 2, key, num_steps=2)
   assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
-  again = pipeline.text_to_image(["a cat", "a dog"], 2, key, num_steps=2)
+  compiled = pipeline_lib._generate._cache_size()  # pylint: disable=protected-access
+  # Another Pipeline over the same stages shares the compiled program.
+  again = inference.Pipeline([base, sr]).text_to_image(["a cat", "a dog"], 2, key, num_steps=2)
   np.testing.assert_array_equal(out, again)
   # The scale is a traced input: a new value changes the images, not the compile.
   guided = pipeline.text_to_image(["a cat", "a dog"], 2, key, num_steps=2,
                                   guidance_scale=[1.0, 6.0])
   assert guided.shape == out.shape and np.abs(guided.astype(int) - out).max() > 0
-  assert pipeline._generate._cache_size() == 1  # pylint: disable=protected-access
+  assert pipeline_lib._generate._cache_size() == compiled  # pylint: disable=protected-access
 
 
 def test_cascade_validation(cascade_stages):
@@ -153,7 +156,7 @@ def test_personalize_k_1_to_5_padding_and_single_encode(suti, encode_calls):
       text_mask=exemplars.text_mask | ~exemplars.mask[:, None])
   ids, mask = suti.tokenize(["a toy on a beach"] * 2)
   stage = suti.stages[0]
-  padded = suti._generate(  # pylint: disable=protected-access
+  padded = pipeline_lib._generate(  # pylint: disable=protected-access
       suti.specs(3), (stage.params,), (stage.text_params,), ids, mask, key,
       suti._scales(), garbage, None)  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.asarray(padded), out)

@@ -62,6 +62,9 @@ class Demo:
              "train_judges": ("judges",), "icl_v2": ("icl_v2",), "icl_v1": ("icl_v1",),
              "train_suti_v2": ("suti_v2",), "train_suti_v1": ("suti_v1",)}
 
+  # Stages that run with no other stage beside them: timings comparable across methods.
+  EXCLUSIVE = ("time_personalization",)
+
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, report_dir: str,
                watcher: preemption.PreemptionWatcher | None = None, *,
                retrain: Collection[str] = (), save_to: Mapping[str, str] | None = None):
@@ -238,8 +241,8 @@ class Demo:
                                         self.expert_config(), key, steps)
     path = self.images_path(method)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, images=out.images, seconds=np.float64(out.seconds_per_subject or np.nan))
-    return {"paths": {"images": path}, "seconds_per_subject": out.seconds_per_subject}
+    np.savez(path, images=out.images)
+    return {"paths": {"images": path}}
 
   def images_path(self, method: str) -> str:
     """Where `generate(method)` writes the method's eval images (uint8 [N, H, W, 3])."""
@@ -275,9 +278,7 @@ class Demo:
     out = {"copy_exemplar": evaluate.copy_nearest_exemplar(self.eval_set),
            "ground_truth": evaluate.ground_truth(self.eval_set)}
     for method in ("suti_v2", "suti_v1", "dreambooth", "text_only"):
-      data = np.load(self.images_path(method))
-      seconds = float(data["seconds"])
-      out[method] = evaluate.Generated(data["images"], None if np.isnan(seconds) else seconds)
+      out[method] = evaluate.Generated(np.load(self.images_path(method))["images"])
     return out
 
   def evaluate(self) -> dict[str, Any]:
@@ -286,12 +287,26 @@ class Demo:
     per_prompt = {m: evaluate.score(generated[m].images, self.eval_set, subject_judge,
                                     text_judge) for m in evaluate.METHODS}
     metrics = evaluate.aggregate(per_prompt, self.eval_set)
-    metrics["personalization_s"] = {m: g.seconds_per_subject for m, g in generated.items()
-                                    if g.seconds_per_subject is not None}
     path = self.path("eval", "metrics.json")
     with open(path, "w") as f:
       json.dump(metrics, f, indent=1, sort_keys=True)
     return {"paths": {"metrics": path}}
+
+  def time_personalization(self) -> dict[str, Any]:
+    """Seconds per subject to personalise with SuTI v2 (exemplars in context) and
+    with a DreamBooth expert (class images, fine-tune, render), in steady state
+    (`evaluate.time_personalization`); the stage runs alone."""
+    key = jax.random.PRNGKey(self.cfg.seed)
+    steps = self.cfg.eval.sampling_steps
+    suti, base = load_stage(self.path("suti_v2")), load_stage(self.path("base"))
+    expert_cfg = self.expert_config()
+    methods = {
+        "suti_v2": lambda subjects: evaluate.suti(suti, subjects, key, steps),
+        "dreambooth": lambda subjects: evaluate.dreambooth_experts(base, subjects, expert_cfg,
+                                                                   key, steps)}
+    timed = self.cfg.eval.timed_subjects
+    return {"seconds_per_subject": evaluate.time_personalization(methods, self.eval_set, timed),
+            "timed_subjects": timed}
 
   def _marker(self, name: str) -> dict[str, Any]:
     with open(StageRunner(self.workdir).marker_path(name)) as f:
@@ -301,7 +316,10 @@ class Demo:
     with open(self.path("eval", "metrics.json")) as f:
       metrics = json.load(f)
     prompts = evaluate.flat_prompts(self.eval_set)
+    timing = self._marker("time_personalization")["outputs"]
     metrics.update(
+        personalization_s=timing["seconds_per_subject"],
+        personalization_timed_subjects=timing["timed_subjects"],
         judges=self._marker("train_judges")["outputs"]["report"],
         data={f"ICL {v}": {k: self._marker(f"icl_{v}")["outputs"][k]
                            for k in ("groups_written", "drops")} for v in ("v2", "v1")},
@@ -364,6 +382,8 @@ class Demo:
          ("train_judges", "train_suti_v2", "generate_suti_v2")),
         ("curve_suti_v1", lambda: self.learning_curve("v1"), steps,
          ("train_judges", "train_suti_v1", "generate_suti_v1")),
+        ("time_personalization", self.time_personalization,
+         [steps, experts, c["eval"]["timed_subjects"]], ("train_base", "train_suti_v2")),
         ("evaluate", self.evaluate, None,
          ("train_judges", "generate_suti_v2", "generate_suti_v1", "generate_dreambooth",
           "generate_text_only")),
@@ -379,7 +399,8 @@ class Demo:
       fingerprints[name] = [own, [fingerprints[d] for d in deps]]
       if name not in independent:
         fingerprints[name].append(world)
-      out.append(Stage(name, fn, fingerprints[name], deps, self.FOLDERS.get(name, ())))
+      out.append(Stage(name, fn, fingerprints[name], deps, self.FOLDERS.get(name, ()),
+                       exclusive=name in self.EXCLUSIVE))
     return out
 
   def stage_names(self) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -129,6 +129,40 @@ def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubjec
                               unet_cfg=spec.model, diffusion_cfg=spec.diffusion)
             for s, (subject, expert) in enumerate(zip(eval_set, experts))]
   return Generated(np.concatenate(images), (time.time() - start) / len(eval_set))
+
+
+def time_personalization(methods: Mapping[str, Callable[[list[world_lib.EvalSubject]], Generated]],
+                         eval_set: Sequence[world_lib.EvalSubject], num_timed: int
+                         ) -> dict[str, float]:
+  """Steady-state seconds to personalise one subject, per method.
+
+  Each method first personalises one warm-up subject (its compiles), then the
+  next `num_timed` subjects one call each; the mean of those calls is its time.
+  Compiles are a one-off per process and configuration, so they are left out
+  for every method alike.
+
+  Args:
+    methods: name -> fn(subjects) rendering every prompt of those subjects
+      (`suti` or `dreambooth_experts` with their other arguments bound).
+    eval_set: the held-out subjects; needs 1 + num_timed of them.
+    num_timed: subjects timed per method.
+
+  Returns:
+    name -> seconds per subject.
+  """
+  if num_timed < 1 or len(eval_set) < 1 + num_timed:
+    raise ValueError(f"timing {num_timed} subjects after a warm-up needs {1 + num_timed} "
+                     f"held-out subjects, got {len(eval_set)}")
+  out = {}
+  for name, fn in methods.items():
+    fn([eval_set[0]])
+    seconds = []
+    for subject in eval_set[1:1 + num_timed]:
+      start = time.perf_counter()
+      fn([subject])
+      seconds.append(time.perf_counter() - start)
+    out[name] = float(np.mean(seconds))
+  return out
 
 
 def score(images: np.ndarray, eval_set: Sequence[world_lib.EvalSubject],

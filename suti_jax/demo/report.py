@@ -189,9 +189,10 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
 
   Args:
     metrics: as written to metrics.json: 'methods', 'per_skill', 'judges',
-      'personalization_s', 'stages' (name -> {'wall_s', 'cpu_s', 'compile_s'}), 'data' (ICL group counts),
-      'eval_set' (counts), 'training' (stage -> final scalars), 'scale' (a
-      one-line description of the run).
+      'personalization_s' (method -> steady-state seconds per subject),
+      'personalization_timed_subjects', 'stages' (name -> {'wall_s', 'cpu_s',
+      'compile_s'}), 'data' (ICL group counts), 'eval_set' (counts), 'training'
+      (stage -> final scalars), 'scale' (a one-line description of the run).
     grids: [{'path': relative PNG path, 'subject': id, 'prompts': [str]}].
 
   Returns:
@@ -239,8 +240,9 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
             f"Personalisation = everything needed to render one new subject's "
             f"{prompts_per_subject} prompts: SuTI samples with the exemplars in context; "
             "DreamBooth makes class-prior images, fine-tunes an expert and samples. Each is "
-            "one run over all held-out subjects divided by the number of subjects, "
-            "compilation included.",
+            f"the mean over {metrics.get('personalization_timed_subjects', '?')} held-out "
+            "subjects, one call each, after a warm-up subject that compiles; the timing "
+            "stage runs with no other stage beside it.",
             "", "| personalisation per subject | seconds |", "|---|---|"]
   timing = metrics.get("personalization_s", {})
   lines += [f"| {evaluate.METHOD_LABELS[m]} | {timing[m]:.1f} |"

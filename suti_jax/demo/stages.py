@@ -40,6 +40,9 @@ class Stage:
       with finds them deleted, so a changed recipe never resumes from stale
       checkpoints; a stage interrupted and started again under the same
       fingerprint keeps them and resumes.
+    exclusive: the stage runs with no other stage beside it (timings that
+      must not share the cores). Once it is ready, no later stage starts
+      before it.
   """
 
   name: str
@@ -47,6 +50,7 @@ class Stage:
   fingerprint: Any = None
   deps: tuple[str, ...] = ()
   folders: tuple[str, ...] = ()
+  exclusive: bool = False
 
 
 def fingerprint_of(value: Any) -> str:
@@ -135,7 +139,9 @@ class StageRunner:
               markers[stage.name] = dict(marker, skipped=True)
               pending.remove(stage)
               progress.update()
-            elif len(running) < workers:
+            elif stage.exclusive and running:
+              break  # It starts next, alone, once the running stages end.
+            elif len(running) < workers and not any(s.exclusive for s in running.values()):
               self._log(f"{label}: running")
               running[pool.submit(self._run_one, stage)] = stage
               pending.remove(stage)

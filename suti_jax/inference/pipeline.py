@@ -53,6 +53,12 @@ def _override(value: Any, default: Any) -> Any:
   return default if value is None else value
 
 
+# One jit cache for every Pipeline: a program is compiled once per stage specs,
+# batch shape and number of steps (params and guidance scales are traced inputs),
+# so pipelines over other checkpoints of the same configs reuse it.
+_generate = jax.jit(sampler.generate, static_argnames=("specs", "guidance"))
+
+
 class Pipeline:
   """Base stage then SR stages; samples through the whole cascade."""
 
@@ -66,12 +72,6 @@ class Pipeline:
     validate_cascade(stages)
     self.stages = tuple(stages)
     self.tokenizer = tokenizers.build_tokenizer(stages[0].spec.text)
-    # A closure per Pipeline: its own jit cache, compiled once per shape and
-    # number of steps (guidance scales are traced inputs).
-    def run(specs, params, text_params, text_ids, text_mask, key, scales, exemplars, guidance):
-      return sampler.generate(specs, params, text_params, text_ids, text_mask, key, scales,
-                              exemplars, guidance)
-    self._generate = jax.jit(run, static_argnames=("specs", "guidance"))
 
   @property
   def image_size(self) -> int:
@@ -114,7 +114,7 @@ class Pipeline:
       raise ValueError(f"need prompts and num_samples >= 1, got {len(prompts)} prompts and "
                        f"num_samples={num_samples}")
     ids, mask = self.tokenize([p for p in prompts for _ in range(num_samples)])
-    out = self._generate(self.specs(num_steps), tuple(s.params for s in self.stages),
+    out = _generate(self.specs(num_steps), tuple(s.params for s in self.stages),
                          tuple(s.text_params for s in self.stages), ids, mask, key, scales,
                          exemplars, guidance)
     return np.asarray(jax.device_get(out))
