@@ -131,10 +131,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Fidelity filter on the judges' scores: a target's subject cosine to its
   # exemplars must reach the subject judge's calibrated same-subject threshold
   # (0.57, REPORT.md), so SuTI v2 learns only from renders the judge calls the
-  # subject. Against a bar of 0.4 it kept 405 of 557 groups and lifted held-out
-  # subject fidelity at 2000 steps from 0.417 to 0.451 (same-subject rate 0.342 to
-  # 0.383); a bar of 0.65 (318 groups) gave 0.454 / 0.400. The small run's judges
-  # train for seconds and score near chance: it keeps all.
+  # subject (405 of the 557 groups a bar of 0.4 kept). Its effect is within one
+  # run's spread: held-out SuTI v2 subject fidelity 0.417 with the bar at 0.4;
+  # 0.399 with 0.57 in `make demo`, and 0.451 when the same 405 groups were
+  # re-sharded (another data order). The small run's judges train for seconds
+  # and score near chance: it keeps all.
   # The renderer takes `render_batch_size` clusters per call (class-prior images
   # are drawn once per call and class noun). An expert renders its cluster's
   # prompts in one sampler batch padded to a power of two, so 8 prompts cost what
