@@ -112,6 +112,7 @@ def sampling_images_per_s(size: int, prompts: int, steps: int, calls: int) -> di
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = common.base_parser(QUESTION).parse_args(argv)
   steps = 8 if args.smoke else 120
+  num_examples = 8 if args.smoke else 1024
   loop_table = common.Table(
       "Training loop vs compiled step (examples/s, same config, same run)",
       ["stage", "batch", "data.cache", "compiled step ex/s", "loop ex/s", "loop / step"])
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       timing = common.time_calls(step, 2, 4 if args.smoke else 20)
       step_rate = config.train.batch_size / timing.median_s
       start = time.perf_counter()
-      loop_rate = loop_examples_per_s(config, _source(stage, 8 if args.smoke else 1024, size))
+      loop_rate = loop_examples_per_s(config, _source(stage, num_examples, size))
       ratio = loop_rate / step_rate
       loop_table.rows.append([stage, config.train.batch_size, cache, step_rate, loop_rate, ratio])
       results["loop"].append({"stage": stage, "cache": cache, "step_examples_per_s": step_rate,
@@ -141,10 +142,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               row["images_per_s"]])
     results["sampling"].append({k: v for k, v in row.items() if k != "timing"})
   notes = ["Loop ex/s is the trainer's own perf/examples_per_s between log steps (compile "
-           "excluded), median over the run, reading 1,024 examples from TFRecord shards; the "
-           "compiled step is timed alone on the same config. data.cache=False is the "
-           "tf.data path, which rebuilds its pipeline every epoch (32 batches of the base "
-           "here, 64 of SuTI); data.cache=True reads the shards once and batches from memory."]
+           f"excluded), median over the run, reading {num_examples:,} examples from TFRecord "
+           "shards; the compiled step is timed alone on the same config. data.cache=False is "
+           "the tf.data path, which rebuilds its pipeline every epoch; data.cache=True reads "
+           "the shards once and batches from memory."]
   return common.write_report(NAME, QUESTION, [loop_table, sample_table], results,
                              smoke=args.smoke, out_dir=args.out_dir, notes=notes)
 
