@@ -115,8 +115,8 @@ class Pipeline:
                        f"num_samples={num_samples}")
     ids, mask = self.tokenize([p for p in prompts for _ in range(num_samples)])
     out = _generate(self.specs(num_steps), tuple(s.params for s in self.stages),
-                         tuple(s.text_params for s in self.stages), ids, mask, key, scales,
-                         exemplars, guidance)
+                    tuple(s.text_params for s in self.stages), ids, mask, key, scales,
+                    exemplars, guidance)
     return np.asarray(jax.device_get(out))
 
   def text_to_image(self, prompts: Sequence[str], num_samples: int, key: jax.Array, *,
