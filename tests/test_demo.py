@@ -306,6 +306,9 @@ def test_demo_small_end_to_end_then_skips(tmp_path):
       assert low <= metrics["methods"][method][metric] + 1e-9 <= high + 2e-9, (method, metric)
   assert "## Targets" in text and "## Learning curve" in text
   assert metrics["data"]["ICL v2"]["groups_written"] > 0
+  # SuTI trained on the groups with precomputed T5 embeddings, not encoding in the step.
+  assert os.listdir(os.path.join(workdir, "suti_v2", "groups_embedded"))
+  assert not os.path.exists(os.path.join(workdir, "suti_v2", "checkpoints", "text_encoder"))
   assert os.path.exists(os.path.join(report_dir, metrics["grids"][0]["path"]))
 
   start = time.time()

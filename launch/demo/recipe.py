@@ -17,8 +17,10 @@ import numpy as np
 import tqdm
 
 from data_pipeline import build_icl_groups
+from data_pipeline import embed_text
 from data_pipeline import read as pipeline_read
 from suti_jax import compile_cache
+from suti_jax import config as config_lib
 from suti_jax.demo import evaluate
 from suti_jax.demo import report
 from suti_jax.demo import world as world_lib
@@ -226,7 +228,20 @@ class Demo:
     cfg = copy.deepcopy(self.cfg.suti)
     cfg.init_from = self.path("base", "checkpoints")
     cfg.data.pattern = self.path(f"icl_{version}", "icl-*")
+    if cfg.data.precomputed_embeddings:
+      # SuTI starts from the base, so it reads the texts through the base's frozen T5.
+      cfg.text.weights_path = self.path("base", "checkpoints", checkpoint_lib.TEXT_ENCODER_DIR)
+      cfg.data.pattern = self._embed_groups(cfg, version)
     return _train(cfg, self.path(f"suti_{version}"), self.watcher)
+
+  def _embed_groups(self, cfg: ml_collections.ConfigDict, version: str) -> str:
+    """Writes the groups of `version` again with their texts' T5 embeddings (the
+    `launch.embed_text` Beam stage) into the SuTI run's folder; returns their glob."""
+    output = self.path(f"suti_{version}", "groups_embedded")
+    text = config_lib.section(config_lib.TextEncoderConfig, cfg.text, "suti.text")
+    embed_text.run_pipeline(cfg.data.pattern, output, text, batch_size=256,
+                            beam_args=["--runner=DirectRunner"])
+    return os.path.join(output, "icl-*")
 
   # Evaluation.
   def generate(self, method: str) -> dict[str, Any]:

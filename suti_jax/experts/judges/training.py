@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 from suti_jax.data import synthetic
 from suti_jax.data.synthetic import subjects as subjects_lib
@@ -97,9 +98,10 @@ class _RenderSet:
 
 
 def _render_set(subject_seeds: Sequence[int], scenes_per_subject: int, image_size: int,
-                rng: np.random.Generator, rich_scenes: int = 0) -> _RenderSet:
+                rng: np.random.Generator, rich_scenes: int = 0, desc: str = "") -> _RenderSet:
   images, ids, labels, weights, prompts, nouns = [], [], [], [], [], []
-  for index, seed in enumerate(subject_seeds):
+  seeds = tqdm.tqdm(subject_seeds, desc=desc, unit="subject", leave=False, disable=not desc)
+  for index, seed in enumerate(seeds):
     subject = synthetic.make_subject(int(seed))
     nouns.append(subjects_lib.CLASS_NOUNS.index(subject.class_noun))
     for i in range(scenes_per_subject):
@@ -241,7 +243,7 @@ def train_judges(image_size: int = 16, num_subjects: int = 200, steps: int = 500
   rng = np.random.default_rng([seed, 0x7D6E])
   first = seed * 10**5
   train = _render_set(range(first, first + num_subjects), scenes_per_subject, image_size, rng,
-                      rich)
+                      rich, desc="judges: render")
   first += num_subjects
   calibration = _render_set(range(first, first + num_heldout_subjects), 8, image_size, rng)
   first += num_heldout_subjects
@@ -273,7 +275,7 @@ def train_judges(image_size: int = 16, num_subjects: int = 200, steps: int = 500
     return optax.apply_updates(params, updates), opt_state, metrics
 
   m, v = scenes_per_subject, views_per_subject
-  for step in range(steps):
+  for step in tqdm.trange(steps, desc="judges: train", unit="step", leave=False):
     # The subject judge: `v` different prompt-like renders of each of
     # batch_size / v subjects, so every anchor has positives, and every other
     # subject in the batch (some sharing its class noun) is a negative.
