@@ -380,7 +380,6 @@ class Demo:
     specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
         ("web", self.write_web, world, ()),
         ("train_base", self.train_base, self.base_fingerprint(), ()),
-        ("train_sr", self.train_sr, c["sr"], ("web",)),
         ("train_judges", self.train_judges, c["judges"], ()),
         ("icl_v2", lambda: self.build_groups("v2", "expert"), [c["pipeline"], experts],
          ("web", "train_base", "train_judges")),
@@ -397,6 +396,9 @@ class Demo:
          ("train_judges", "train_suti_v2", "generate_suti_v2")),
         ("curve_suti_v1", lambda: self.learning_curve("v1"), steps,
          ("train_judges", "train_suti_v1", "generate_suti_v1")),
+        # The SR stage feeds only the report: it runs in a free slot late, not
+        # ahead of the v2 pipeline, the head of the critical path.
+        ("train_sr", self.train_sr, c["sr"], ("web",)),
         ("time_personalization", self.time_personalization,
          [steps, experts, c["eval"]["timed_subjects"]], ("train_base", "train_suti_v2")),
         ("evaluate", self.evaluate, None,
