@@ -269,7 +269,8 @@ def test_demo_full_recipe_scales_the_default_and_excludes_small():
 
   default, full = demo_config.get_config(), demo_config.get_config("full")
   assert full.world.num_clusters == demo_config.FULL_CLUSTERS > default.world.num_clusters
-  assert full.suti.train.total_steps == demo_config.FULL_SUTI_STEPS > default.suti.train.total_steps
+  assert all(full.suti_steps[v] == demo_config.FULL_SUTI_STEPS > default.suti_steps[v]
+             for v in ("v2", "v1"))
   # Same shipped base and judges: their recipes must not change with the option.
   assert full.base.to_dict() == default.base.to_dict()
   assert full.judges.to_dict() == default.judges.to_dict()

@@ -226,6 +226,8 @@ class Demo:
 
   def train_suti(self, version: str) -> dict[str, Any]:
     cfg = copy.deepcopy(self.cfg.suti)
+    cfg.train.total_steps = self.cfg.suti_steps[version]
+    cfg.train.checkpoint_every_steps = max(1, cfg.train.total_steps // 4)
     cfg.init_from = self.path("base", "checkpoints")
     cfg.data.pattern = self.path(f"icl_{version}", "icl-*")
     if cfg.data.precomputed_embeddings:
@@ -365,8 +367,9 @@ class Demo:
     return (f"{c.world.num_clusters} web clusters ({len(self.web)} pairs); base "
             f"{c.base.model.image_size} px x {c.base.train.total_steps} steps (batch "
             f"{c.base.train.batch_size}), SR {c.sr.model.low_res_size}->{c.sr.model.image_size} "
-            f"px x {c.sr.train.total_steps}, SuTI x {c.suti.train.total_steps} steps (batch "
-            f"{c.suti.train.batch_size}) each, experts {self.expert_config().num_steps} steps, "
+            f"px x {c.sr.train.total_steps}, SuTI v2 x {c.suti_steps.v2} and v1 x "
+            f"{c.suti_steps.v1} steps (batch {c.suti.train.batch_size}), "
+            f"experts {self.expert_config().num_steps} steps, "
             f"judges {c.judges.steps} steps, {c.eval.sampling_steps} sampling steps.")
 
   # The recipe.
@@ -385,8 +388,10 @@ class Demo:
          ("web", "train_base", "train_judges")),
         ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), c["pipeline"],
          ("web", "train_judges")),
-        ("train_suti_v2", lambda: self.train_suti("v2"), c["suti"], ("train_base", "icl_v2")),
-        ("train_suti_v1", lambda: self.train_suti("v1"), c["suti"], ("train_base", "icl_v1")),
+        ("train_suti_v2", lambda: self.train_suti("v2"), [c["suti"], c["suti_steps"]["v2"]],
+         ("train_base", "icl_v2")),
+        ("train_suti_v1", lambda: self.train_suti("v1"), [c["suti"], c["suti_steps"]["v1"]],
+         ("train_base", "icl_v1")),
         ("generate_suti_v2", lambda: self.generate("suti_v2"), steps, ("train_suti_v2",)),
         ("generate_suti_v1", lambda: self.generate("suti_v1"), steps, ("train_suti_v1",)),
         ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, experts],
