@@ -264,6 +264,17 @@ def test_demo_texts_fit_the_text_encoder(tmp_path):
   assert len(longest.encode()) <= room, longest
 
 
+def test_demo_rejects_suti_steps_set_through_the_shared_suti_section(tmp_path):
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
+
+  config = demo_config.get_config("small")
+  config.suti.train.total_steps = 99
+  demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
+  with pytest.raises(ValueError, match="suti_steps.v2"):
+    demo.train_suti("v2")
+
+
 def test_demo_full_recipe_scales_the_default_and_excludes_small():
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
 

@@ -226,6 +226,12 @@ class Demo:
 
   def train_suti(self, version: str) -> dict[str, Any]:
     cfg = copy.deepcopy(self.cfg.suti)
+    if cfg.train.total_steps != self.cfg.suti_steps.v2:
+      # `suti.train.total_steps` only mirrors `suti_steps.v2`; an override of it
+      # alone would be ignored here.
+      raise ValueError(f"suti.train.total_steps={cfg.train.total_steps} differs from "
+                       f"suti_steps.v2={self.cfg.suti_steps.v2}: set the SuTI models' "
+                       "steps with --config.suti_steps.v2 / --config.suti_steps.v1")
     cfg.train.total_steps = self.cfg.suti_steps[version]
     cfg.train.checkpoint_every_steps = max(1, cfg.train.total_steps // 4)
     cfg.init_from = self.path("base", "checkpoints")
