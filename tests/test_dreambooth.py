@@ -156,6 +156,17 @@ def test_expert_target_renderer_renders_every_prompt(world):
   guided.setup()
   guided_targets = guided.render_targets(cluster, prompts, seed=7)
   assert any(not np.array_equal(a.image, b.image) for a, b in zip(targets, guided_targets))
+  # `num_steps` replaces only the sampler's step count: the base's own count renders
+  # the same images, another count other images.
+  def render_with_steps(num_steps):
+    stepped = renderer_lib.ExpertTargetRenderer(
+        base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2), num_steps=num_steps)
+    stepped.setup()
+    return stepped.render_targets(cluster, prompts, seed=7)
+  assert all(np.array_equal(a.image, b.image) for a, b in
+             zip(targets, render_with_steps(_CFG.class_sampling_steps)))
+  assert any(not np.array_equal(a.image, b.image) for a, b in
+             zip(targets, render_with_steps(1)))
   # Captioned experts train on 'a sks <noun> in scene i' (other texts, other experts).
   captioned = renderer_lib.ExpertTargetRenderer(
       base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2, instance_captions=True))

@@ -215,7 +215,8 @@ class Demo:
     if renderer == "expert":
       # kwargs of suti_jax.experts.renderer.ExpertTargetRenderer, as the CLI's JSON.
       args.renderer_options = json.dumps(
-          {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict()})
+          {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict(),
+           "num_steps": p.render_steps})
       args.render_batch_size = p.render_batch_size
     summary = build_icl_groups.run_pipeline(args, ["--runner=DirectRunner"])
     if not summary["groups_written"]:

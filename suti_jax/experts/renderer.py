@@ -72,7 +72,8 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
 
   def __init__(self, *, workdir: str = "", base: BaseModel | None = None,
                expert_cfg: dreambooth.ExpertConfig | dict | None = None,
-               sampling_cfg: SamplingConfig | None = None, max_images: int = 5):
+               sampling_cfg: SamplingConfig | None = None, num_steps: int | None = None,
+               max_images: int = 5):
     """Configures the renderer; nothing is loaded before `setup`.
 
     Args:
@@ -83,6 +84,8 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
         `ExpertConfig.tiny()`.
       sampling_cfg: how targets are sampled; default the base stage's. The expert
         recipe's `render_guidance_scale`, when set, replaces its guidance scale.
+      num_steps: sampler steps of the targets, when set, in place of the
+        sampling config's.
       max_images: cluster images an expert trains on (DreamBooth: 3-5).
     """
     if bool(workdir) == (base is not None):
@@ -93,6 +96,7 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
       expert_cfg = dataclasses.replace(dreambooth.ExpertConfig.tiny(), **expert_cfg)
     self._expert_cfg = expert_cfg or dreambooth.ExpertConfig.tiny()
     self._sampling_cfg = sampling_cfg
+    self._num_steps = num_steps
     self._max_images = max_images
 
   def setup(self) -> None:
@@ -141,6 +145,9 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
         [(self._subject_images(tasks[i].cluster), nouns[i]) for i in ready], cfg,
         jax.random.fold_in(key, 0),
         [self._instance_prompts(tasks[i].cluster, nouns[i]) for i in ready])))
+    sampling = cfg.render_sampling(self._sampling_cfg or base.sampling_cfg)
+    if self._num_steps is not None:
+      sampling = dataclasses.replace(sampling, num_steps=self._num_steps)
     out = []
     for i, task in enumerate(tasks):
       if i not in experts:
@@ -153,8 +160,7 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
                         for p in task.prompts]
       rendered = dreambooth.render(
           experts[i], expert_prompts, jax.random.fold_in(jax.random.fold_in(key, 1), i),
-          cfg.render_sampling(self._sampling_cfg or base.sampling_cfg),
-          text_encoder=base.text_encoder,
+          sampling, text_encoder=base.text_encoder,
           unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
       out.append([pipeline_interfaces.Target(p.skill, p.prompt, image)
                   for p, image in zip(task.prompts, rendered)])
