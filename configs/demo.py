@@ -26,10 +26,10 @@ TEXT_BYTES = 96
 # Steps of the shipped base checkpoint (pretrained/demo_base, 2 idle cores: see README).
 BASE_STEPS = 6000
 # SuTI training steps of the two models. In-context copying appears late, and
-# SuTI v2, which learns from the experts' softer renders, later than v1: with the
-# shipped judges, held-out subject fidelity at 600 / 1200 / 1800 / 2400 steps was
-# v2 0.149 / 0.230 / 0.361 / 0.377 and v1 0.162 / 0.479 / 0.551 / 0.543. v1 stops
-# where its curve is flat, which leaves the 2 cores to v2 (both at 2400 steps the
+# SuTI v2, which learns from the experts' softer renders, later than v1: held-out
+# subject fidelity at 600 / 1200 / 1800 / 2400 steps was v2 0.168 / 0.280 / 0.352 /
+# 0.440 (REPORT.md); v1, sampled with text guidance 1.35, 0.162 / 0.479 / 0.551 /
+# 0.543. v1 stops at 1800, which leaves the 2 cores to v2 (both at 2400 steps the
 # demo took 26 min).
 SUTI_STEPS = {"v2": 2400, "v1": 1800}
 # `:full`: more web subjects is the lever that still pays (224 clusters lifted SuTI
@@ -153,10 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The renderer takes `render_batch_size` clusters per call (class-prior images
   # are drawn once per call and class noun). An expert renders its cluster's
   # prompts in one sampler batch. 16 prompts per cluster instead of 8 gave SuTI v2
-  # twice the groups (967 kept vs 481) and lifted its held-out subject fidelity
-  # from 0.377 to 0.451 (same-subject rate 0.558 to 0.658) at 2400 steps. The
-  # targets render with the evaluation's 8 DDIM steps instead of the base's 16,
-  # which pays for most of the extra prompts.
+  # about twice the groups (931 kept vs 481) and lifted its held-out subject
+  # fidelity from 0.377 to 0.468 (same-subject rate 0.558 to 0.608) at 2400 steps,
+  # sampled with text guidance 1.35. The targets render with the evaluation's 8
+  # DDIM steps instead of the base's 16, so the v2 pipeline took 493 s, not 461 s.
   c.pipeline = ml_collections.ConfigDict(dict(
       prompts_per_cluster=8 if small else 16, num_shards=2,
       min_subject_score=-1.0 if small else 0.34, min_text_score=0.0,
