@@ -156,11 +156,12 @@ def test_expert_target_renderer_renders_every_prompt(world):
   guided.setup()
   guided_targets = guided.render_targets(cluster, prompts, seed=7)
   assert any(not np.array_equal(a.image, b.image) for a, b in zip(targets, guided_targets))
-  # `num_steps` replaces only the sampler's step count: the base's own count renders
-  # the same images, another count other images.
+  # A dict `sampling_cfg` overrides only its fields of the base's sampling config:
+  # the base's own step count renders the same images, another count other images.
   def render_with_steps(num_steps):
     stepped = renderer_lib.ExpertTargetRenderer(
-        base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2), num_steps=num_steps)
+        base=base, expert_cfg=dataclasses.replace(_CFG, num_steps=2),
+        sampling_cfg={"num_steps": num_steps})
     stepped.setup()
     return stepped.render_targets(cluster, prompts, seed=7)
   assert all(np.array_equal(a.image, b.image) for a, b in
@@ -179,6 +180,8 @@ def test_expert_target_renderer_renders_every_prompt(world):
       no_description, prompts, seed=7))
   with pytest.raises(ValueError):
     renderer_lib.ExpertTargetRenderer()
+  with pytest.raises(ValueError, match="num_stpes"):
+    renderer_lib.ExpertTargetRenderer(base=base, sampling_cfg={"num_stpes": 8})
 
 
 def test_render_sampling_replaces_only_the_guidance_scale():

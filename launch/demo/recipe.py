@@ -216,7 +216,7 @@ class Demo:
       # kwargs of suti_jax.experts.renderer.ExpertTargetRenderer, as the CLI's JSON.
       args.renderer_options = json.dumps(
           {"workdir": self.path("base"), "expert_cfg": self.cfg.experts.to_dict(),
-           "num_steps": p.render_steps})
+           "sampling_cfg": {"num_steps": p.render_steps}})
       args.render_batch_size = p.render_batch_size
     summary = build_icl_groups.run_pipeline(args, ["--runner=DirectRunner"])
     if not summary["groups_written"]:

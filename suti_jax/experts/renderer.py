@@ -72,8 +72,7 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
 
   def __init__(self, *, workdir: str = "", base: BaseModel | None = None,
                expert_cfg: dreambooth.ExpertConfig | dict | None = None,
-               sampling_cfg: SamplingConfig | None = None, num_steps: int | None = None,
-               max_images: int = 5):
+               sampling_cfg: SamplingConfig | dict | None = None, max_images: int = 5):
     """Configures the renderer; nothing is loaded before `setup`.
 
     Args:
@@ -82,21 +81,24 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
       expert_cfg: fine-tuning recipe, or a dict of `ExpertConfig.tiny()` field
         overrides (the pipeline's JSON `--renderer_options`); default
         `ExpertConfig.tiny()`.
-      sampling_cfg: how targets are sampled; default the base stage's. The expert
-        recipe's `render_guidance_scale`, when set, replaces its guidance scale.
-      num_steps: sampler steps of the targets, when set, in place of the
-        sampling config's.
+      sampling_cfg: how targets are sampled, or a dict of field overrides of the
+        base stage's sampling config (the pipeline's JSON `--renderer_options`,
+        e.g. {"num_steps": 8}); default the base stage's. The expert recipe's
+        `render_guidance_scale`, when set, replaces its guidance scale.
       max_images: cluster images an expert trains on (DreamBooth: 3-5).
     """
     if bool(workdir) == (base is not None):
       raise ValueError("ExpertTargetRenderer needs exactly one of workdir= and base=")
+    if isinstance(sampling_cfg, dict):
+      unknown = set(sampling_cfg) - {f.name for f in dataclasses.fields(SamplingConfig)}
+      if unknown:
+        raise ValueError(f"sampling_cfg: unknown SamplingConfig fields {sorted(unknown)}")
     self._workdir = workdir
     self._base = base
     if isinstance(expert_cfg, dict):
       expert_cfg = dataclasses.replace(dreambooth.ExpertConfig.tiny(), **expert_cfg)
     self._expert_cfg = expert_cfg or dreambooth.ExpertConfig.tiny()
     self._sampling_cfg = sampling_cfg
-    self._num_steps = num_steps
     self._max_images = max_images
 
   def setup(self) -> None:
@@ -145,9 +147,10 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
         [(self._subject_images(tasks[i].cluster), nouns[i]) for i in ready], cfg,
         jax.random.fold_in(key, 0),
         [self._instance_prompts(tasks[i].cluster, nouns[i]) for i in ready])))
-    sampling = cfg.render_sampling(self._sampling_cfg or base.sampling_cfg)
-    if self._num_steps is not None:
-      sampling = dataclasses.replace(sampling, num_steps=self._num_steps)
+    sampling = self._sampling_cfg
+    if not isinstance(sampling, SamplingConfig):
+      sampling = dataclasses.replace(base.sampling_cfg, **(sampling or {}))
+    sampling = cfg.render_sampling(sampling)
     out = []
     for i, task in enumerate(tasks):
       if i not in experts:
