@@ -55,8 +55,8 @@ bench: $(TESTDEPS)
 # 64 does not map onto a 16x16 slice). The pod path trains on precomputed T5
 # embeddings (launch.embed_text), so the compiled step holds no T5; the compile
 # reads no weights, the path only names the encoder that wrote the embeddings.
-# Many minutes per paper-size compile on 2 cores; suti_base64 on v4 needs more than
-# 24 GiB of host memory. The tiny check:
+# Many minutes per paper-size compile on 2 cores; suti_base64 on v4 peaks at 22 GiB
+# of host memory (add swap on a machine with less than 32 GiB: README). The tiny check:
 #   make aot AOT_ARG=:tiny AOT_TOPOLOGIES=v5e:2x2 AOT_FLAGS=--config.mesh.ici_fsdp=4
 AOT_CONFIGS ?= suti_base64 suti_sr256
 AOT_TOPOLOGIES ?= v5p:4x4x4 v4:4x4x4 v5e:16x16
