@@ -36,6 +36,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
   flags.DEFINE_integer("process_id", -1, "This process's index.")
   flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize (auto-detects on TPU pods).")
+  flags.DEFINE_bool("allow_unsharded_params", False,
+                    "Train even when params of 1 GiB or more are split over fsdp x tensor "
+                    "more than 10% less evenly than an even split (the check then warns).")
 
 
 # `--config.a.b=v` and `--noconfig.a.b`, as ml_collections matches them.
@@ -101,6 +104,7 @@ def main(argv: Sequence[str]) -> None:
   # Imported here so that flag parsing (and its tests) need no jax backend.
   from suti_jax import compile_cache
   from suti_jax.parallel import distributed
+  from suti_jax.parallel import sharding as sharding_lib
   from suti_jax.train import checkpoint as checkpoint_lib
   from suti_jax.train import loop
 
@@ -111,8 +115,9 @@ def main(argv: Sequence[str]) -> None:
   compile_cache.enable(os.path.join(f.workdir, "jax_cache"))
   config = apply_gin(f.config, f.gin_file, f.gin_bindings)
   try:
-    result = loop.run(config, f.workdir)
-  except (config_lib.ConfigError, checkpoint_lib.CheckpointError) as e:
+    result = loop.run(config, f.workdir, allow_unsharded_params=f.allow_unsharded_params)
+  except (config_lib.ConfigError, checkpoint_lib.CheckpointError,
+          sharding_lib.UnshardedParamsError) as e:
     # The message says what to change; a traceback would only bury it. Nothing is
     # being written, and a normal interpreter exit would let Orbax's background reads
     # of a failed restore print 'Event loop is closed' tracebacks after it.

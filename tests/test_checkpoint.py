@@ -19,6 +19,7 @@ import train_testlib as tl
 from train_testlib import fast_compiles  # noqa: F401  (autouse fixture)
 from suti_jax.config import MeshConfig
 from suti_jax.parallel import mesh as mesh_lib
+from suti_jax.parallel import sharding as sharding_lib
 from suti_jax.train import checkpoint as checkpoint_lib
 from suti_jax.train import experiment
 from suti_jax.train import loop
@@ -113,6 +114,20 @@ def test_non_finite_step_halts_and_keeps_last_good_checkpoint(tmp_path):
   assert int(state.step) == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
   ckpt.close()
+
+
+def test_unevenly_sharded_params_stop_the_run_unless_allowed(tmp_path, monkeypatch):
+  # The micro UNet on fsdp=8 leaves most arrays replicated (8-channel kernels, biases);
+  # treated as paper size, the trainer refuses it before writing anything.
+  monkeypatch.setattr(sharding_lib, "RAISE_ABOVE_PARAM_BYTES", 0)
+  config = tl.micro_config(total_steps=1)
+  with pytest.raises(sharding_lib.UnshardedParamsError,
+                     match="more bytes per device.*--allow_unsharded_params"):
+    loop.run(config, str(tmp_path / "strict"), input_source=tl.caption_source())
+  assert not (tmp_path / "strict" / "checkpoints").exists()
+  out = loop.run(config, str(tmp_path / "allowed"), input_source=tl.caption_source(),
+                 allow_unsharded_params=True)
+  assert out["step"] == 1.0
 
 
 def test_loop_writes_metrics_sample_grids_and_tensorboard_images(tmp_path):

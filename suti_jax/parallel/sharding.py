@@ -255,6 +255,10 @@ def _per_device_bytes(x: Any) -> int:
 RAISE_ABOVE_PARAM_BYTES = 2**30
 
 
+class UnshardedParamsError(ValueError):
+  """Parameters are split over the model axes less evenly than the check allows."""
+
+
 def assert_params_sufficiently_sharded(params: Any, mesh: Mesh, *, tolerance: float = 0.02,
                                        raise_error: bool = True,
                                        raise_above_bytes: int = 0) -> float:
@@ -267,7 +271,8 @@ def assert_params_sufficiently_sharded(params: Any, mesh: Mesh, *, tolerance: fl
     params: sharded arrays or ShapeDtypeStructs with shardings.
     mesh: the mesh.
     tolerance: allowed relative excess of per-device bytes over the ideal.
-    raise_error: raise ValueError when over tolerance (else log a warning)...
+    raise_error: raise UnshardedParamsError when over tolerance (else log a
+      warning)...
     raise_above_bytes: ...but only for params of at least this many bytes in
       total; smaller ones warn (the trainer passes RAISE_ABOVE_PARAM_BYTES).
 
@@ -285,7 +290,7 @@ def assert_params_sufficiently_sharded(params: Any, mesh: Mesh, *, tolerance: fl
            f"than an even split over fsdp x tensor = {model_ways} (tolerance {tolerance:.1%}); "
            f"check axis_rules and the 'replicated in' sharding log lines")
     if raise_error and total >= raise_above_bytes:
-      raise ValueError(msg)
+      raise UnshardedParamsError(msg)
     logging.warning(msg)
   return excess
 

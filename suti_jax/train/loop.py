@@ -211,7 +211,8 @@ def _meta(sec: experiment_lib.Sections, mesh: Mesh) -> dict[str, Any]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = None,
-        watcher: preemption_lib.PreemptionWatcher | None = None) -> dict[str, float]:
+        watcher: preemption_lib.PreemptionWatcher | None = None,
+        allow_unsharded_params: bool = False) -> dict[str, float]:
   """Trains one stage; resumes from `<workdir>/checkpoints` if present.
 
   Args:
@@ -220,6 +221,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
     input_source: in-memory examples for data.kind='synthetic' (see
       `suti_jax.data.input.make_input`); default: synthetic captions.
     watcher: preemption watcher; default one with a SIGTERM handler.
+    allow_unsharded_params: train even when parameters of 1 GiB or more are
+      split over fsdp x tensor more than 10% less evenly than an even split
+      (the check then only warns).
 
   Returns:
     The last logged scalars plus 'step' and 'preempted' (1.0 if stopped early).
@@ -231,9 +235,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
   logging.info("stage %s; mesh %s; %d params; text embeddings %s", sec.stage,
                mesh_lib.describe(mesh), sum(x.size for x in jax.tree.leaves(shapes.state.params)),
                "precomputed" if shapes.text is None else "encoded in the step")
-  sharding_lib.assert_params_sufficiently_sharded(
-      shapes.state.params, mesh, tolerance=SHARDING_TOLERANCE,
-      raise_above_bytes=sharding_lib.RAISE_ABOVE_PARAM_BYTES)
+  try:
+    sharding_lib.assert_params_sufficiently_sharded(
+        shapes.state.params, mesh, tolerance=SHARDING_TOLERANCE,
+        raise_error=not allow_unsharded_params,
+        raise_above_bytes=sharding_lib.RAISE_ABOVE_PARAM_BYTES)
+  except sharding_lib.UnshardedParamsError as e:
+    raise sharding_lib.UnshardedParamsError(
+        f"{e}; to train anyway: launch.train --allow_unsharded_params") from None
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      every_steps=sec.train.checkpoint_every_steps,
                                      keep=sec.train.keep_checkpoints)
