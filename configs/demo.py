@@ -5,7 +5,7 @@
                                  # (README); the v2 experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
   python -m launch.demo --config=configs/demo.py:full --workdir=workdirs/demo_full \
-      --report_dir=reports/demo_full                     # the longer recipe (56 min)
+      --report_dir=reports/demo_full                     # the longer recipe (77 min)
 """
 
 import ml_collections
