@@ -66,7 +66,7 @@ AOT_FLAGS ?= --config.mesh.ici_fsdp=16 --config.data.precomputed_embeddings=True
 # Gradient-accumulation microbatches (config@topology=N; 1 where not listed) where
 # the batch of 2048 does not fit one pass: chosen so the step fits the chip's HBM.
 AOT_ACCUM ?= suti_sr256@v5p:4x4x4=4 suti_base64@v4:4x4x4=4 suti_sr256@v4:4x4x4=16 \
-	suti_base64@v5e:16x16=2 suti_sr256@v5e:16x16=8
+	suti_base64@v5e:16x16=4 suti_sr256@v5e:16x16=8
 aot: $(TESTDEPS)
 	@mkdir -p reports/aot; rc=0; for c in $(AOT_CONFIGS); do for t in $(AOT_TOPOLOGIES); do \
 	  accum=1; for p in $(AOT_ACCUM); do case $$p in "$$c@$$t="*) accum=$${p#*=};; esac; done; \
