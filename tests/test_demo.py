@@ -13,7 +13,7 @@ from suti_jax.data import synthetic
 from suti_jax.demo import evaluate
 from suti_jax.demo import report
 from suti_jax.demo import world
-from suti_jax.demo.stages import Stage, StageRunner
+from suti_jax.demo.stages import Stage, StageRunner, fingerprint_of
 
 
 def _stage(name, calls, tmp_path, fingerprint=None, fail=False):
@@ -273,6 +273,25 @@ def test_demo_rejects_suti_steps_set_through_the_shared_suti_section(tmp_path):
   demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
   with pytest.raises(ValueError, match="suti_steps.v2"):
     demo.train_suti("v2")
+
+
+def test_suti_guidance_fingerprints_the_stages_that_sample_not_the_training(tmp_path):
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
+
+  def fingerprints(config):
+    demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
+    return {s.name: fingerprint_of(s.fingerprint) for s in demo.stages()}
+
+  config = demo_config.get_config("small")
+  before = fingerprints(config)
+  config.suti.sampling.text_guidance_scale += 1.0
+  after = fingerprints(config)
+  assert {name for name in before if before[name] != after[name]} == {
+      "generate_suti_v2", "generate_suti_v1", "curve_suti_v2", "curve_suti_v1",
+      "time_personalization", "evaluate", "report"}
+  config.suti.optimizer.learning_rate *= 2
+  assert fingerprints(config)["train_suti_v2"] != after["train_suti_v2"]
 
 
 def test_demo_full_recipe_scales_the_default_and_excludes_small():

@@ -29,7 +29,7 @@ from suti_jax.demo.stages import Stage, StageRunner, fingerprint_of
 from suti_jax.data import synthetic
 from suti_jax.experts import dreambooth
 from suti_jax.experts import judges as judges_lib
-from suti_jax.inference import load_stage
+from suti_jax.inference import StageModel, load_stage
 from suti_jax.train import checkpoint as checkpoint_lib
 from suti_jax.train import loop
 from suti_jax.train import preemption
@@ -253,11 +253,21 @@ class Demo:
     return os.path.join(output, "icl-*")
 
   # Evaluation.
+  def suti_stage(self, method: str, step: int | None = None) -> StageModel:
+    """A trained SuTI model ('suti_v2' / 'suti_v1') that samples with this config's
+    `suti.sampling`, not the one saved with the run: guidance is part of the
+    evaluation stages' fingerprints, not the training's, so changing it renders
+    again without retraining."""
+    stage = load_stage(self.path(method), step=step)
+    sampling = config_lib.section(config_lib.SamplingConfig, self.cfg.suti.sampling,
+                                  "config.suti.sampling")
+    return dataclasses.replace(stage, spec=dataclasses.replace(stage.spec, sampling=sampling))
+
   def generate(self, method: str) -> dict[str, Any]:
     key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), evaluate.METHODS.index(method))
     steps = self.cfg.eval.sampling_steps
     if method in ("suti_v2", "suti_v1"):
-      out = evaluate.suti(load_stage(self.path(method)), self.eval_set, key, steps)
+      out = evaluate.suti(self.suti_stage(method), self.eval_set, key, steps)
     elif method == "text_only":
       out = evaluate.text_only(load_stage(self.path("base")), self.eval_set, key, steps)
     else:
@@ -291,7 +301,7 @@ class Demo:
       if step == steps[-1]:
         images = np.load(self.images_path(method))["images"]
       else:
-        images = evaluate.suti(load_stage(self.path(method), step=step), self.eval_set, key,
+        images = evaluate.suti(self.suti_stage(method, step), self.eval_set, key,
                                self.cfg.eval.sampling_steps).images
       scores = evaluate.score(images, self.eval_set, subject_judge, text_judge)
       points.append({"step": step, **{m: float(np.mean(scores[m])) for m in
@@ -322,7 +332,7 @@ class Demo:
     (`evaluate.time_personalization`); the stage runs alone."""
     key = jax.random.PRNGKey(self.cfg.seed)
     steps = self.cfg.eval.sampling_steps
-    suti, base = load_stage(self.path("suti_v2")), load_stage(self.path("base"))
+    suti, base = self.suti_stage("suti_v2"), load_stage(self.path("base"))
     expert_cfg = self.expert_config()
     methods = {
         "suti_v2": lambda subjects: evaluate.suti(suti, subjects, key, steps),
@@ -387,6 +397,9 @@ class Demo:
     world = {"seed": c["seed"], "world": c["world"], "judge_seed": c["judges"]["seed"],
              "identifier": experts["identifier"]}
     steps = c["eval"]["sampling_steps"]
+    # SuTI's sampler settings fingerprint the stages that sample, not the training.
+    suti_training = {k: v for k, v in c["suti"].items() if k != "sampling"}
+    suti_sampling = [steps, c["suti"]["sampling"]]
     specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
         ("web", self.write_web, world, ()),
         ("train_base", self.train_base, self.base_fingerprint(), ()),
@@ -395,24 +408,24 @@ class Demo:
          ("web", "train_base", "train_judges")),
         ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), c["pipeline"],
          ("web", "train_judges")),
-        ("train_suti_v2", lambda: self.train_suti("v2"), [c["suti"], c["suti_steps"]["v2"]],
+        ("train_suti_v2", lambda: self.train_suti("v2"), [suti_training, c["suti_steps"]["v2"]],
          ("train_base", "icl_v2")),
-        ("train_suti_v1", lambda: self.train_suti("v1"), [c["suti"], c["suti_steps"]["v1"]],
+        ("train_suti_v1", lambda: self.train_suti("v1"), [suti_training, c["suti_steps"]["v1"]],
          ("train_base", "icl_v1")),
-        ("generate_suti_v2", lambda: self.generate("suti_v2"), steps, ("train_suti_v2",)),
-        ("generate_suti_v1", lambda: self.generate("suti_v1"), steps, ("train_suti_v1",)),
+        ("generate_suti_v2", lambda: self.generate("suti_v2"), suti_sampling, ("train_suti_v2",)),
+        ("generate_suti_v1", lambda: self.generate("suti_v1"), suti_sampling, ("train_suti_v1",)),
         ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, experts],
          ("train_base",)),
         ("generate_text_only", lambda: self.generate("text_only"), steps, ("train_base",)),
-        ("curve_suti_v2", lambda: self.learning_curve("v2"), steps,
+        ("curve_suti_v2", lambda: self.learning_curve("v2"), suti_sampling,
          ("train_judges", "train_suti_v2", "generate_suti_v2")),
-        ("curve_suti_v1", lambda: self.learning_curve("v1"), steps,
+        ("curve_suti_v1", lambda: self.learning_curve("v1"), suti_sampling,
          ("train_judges", "train_suti_v1", "generate_suti_v1")),
         # The SR stage feeds only the report: it runs in a free slot late, not
         # ahead of the v2 pipeline, the head of the critical path.
         ("train_sr", self.train_sr, c["sr"], ("web",)),
         ("time_personalization", self.time_personalization,
-         [steps, experts, c["eval"]["timed_subjects"]], ("train_base", "train_suti_v2")),
+         [suti_sampling, experts, c["eval"]["timed_subjects"]], ("train_base", "train_suti_v2")),
         ("evaluate", self.evaluate, None,
          ("train_judges", "generate_suti_v2", "generate_suti_v1", "generate_dreambooth",
           "generate_text_only")),
