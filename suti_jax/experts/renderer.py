@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from suti_jax import config as config_lib
 from suti_jax.config import DiffusionConfig, SamplingConfig, UNetConfig
 from suti_jax.data import images as images_lib
 from suti_jax.data import pipeline_interfaces
@@ -90,9 +91,9 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
     if bool(workdir) == (base is not None):
       raise ValueError("ExpertTargetRenderer needs exactly one of workdir= and base=")
     if isinstance(sampling_cfg, dict):
-      unknown = set(sampling_cfg) - {f.name for f in dataclasses.fields(SamplingConfig)}
-      if unknown:
-        raise ValueError(f"sampling_cfg: unknown SamplingConfig fields {sorted(unknown)}")
+      # Names and types checked now, as config sections are; the values apply to the
+      # base's sampling config, which `setup` loads.
+      config_lib.section(SamplingConfig, sampling_cfg, "sampling_cfg")
     self._workdir = workdir
     self._base = base
     if isinstance(expert_cfg, dict):
