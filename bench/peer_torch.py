@@ -23,6 +23,7 @@ TEXT_DROP_PROB = 0.1
 def _import_torch(threads: int):
   """torch limited to `threads` intra-op threads and one inter-op thread."""
   import torch  # pylint: disable=import-outside-toplevel  (only in the peer venv)
+  import torch.utils.flop_counter  # noqa: F401  pylint: disable=import-outside-toplevel
   torch.set_num_threads(threads)
   torch.set_num_interop_threads(1)
   return torch
@@ -175,11 +176,14 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
   build = {"imagen_pytorch": build_imagen, "diffusers": build_diffusers}[request["library"]]
   model, forward, version = build(spec)
   model.train()
-  timing = common.time_calls(make_step(torch, model, forward, spec), request["warmup"],
-                             request["steps"])
+  step = make_step(torch, model, forward, spec)
+  with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    step()  # Counted once, untimed: convolutions and matmuls, forward and backward.
+  timing = common.time_calls(step, request["warmup"], request["steps"])
   return {"library": request["library"], "version": version, "torch_version": torch.__version__,
           "params": sum(p.numel() for p in model.parameters()), "timing": timing.as_dict(),
-          "examples_per_s": spec["batch_size"] / timing.median_s}
+          "examples_per_s": spec["batch_size"] / timing.median_s,
+          "conv_dot_flops": int(counter.get_total_flops())}
 
 
 def main() -> None:

@@ -79,6 +79,39 @@ def random_batch(spec: Mapping[str, jax.ShapeDtypeStruct], vocab_size: int,
   return out
 
 
+def conv_dot_flops(jaxpr: Any) -> int:
+  """FLOPs of a jaxpr's convolutions and matrix products (2 per multiply-add),
+  sub-jaxprs included and scan bodies times their length.
+
+  The same ops as torch's FlopCounterMode counts, so steps of different libraries
+  compare by the work their models do rather than by XLA's own estimate (which
+  also counts elementwise ops).
+
+  Args:
+    jaxpr: a `jax.make_jaxpr` result (or its `.jaxpr`).
+
+  Returns:
+    FLOPs.
+  """
+  total = 0
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    out = eqn.outvars[0].aval.shape
+    if eqn.primitive.name == "conv_general_dilated":
+      kernel = eqn.invars[1].aval.shape
+      out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += 2 * int(np.prod(out)) * int(np.prod(kernel)) // out_features
+    elif eqn.primitive.name == "dot_general":
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(out)) * int(np.prod([lhs[i] for i in contracting]))
+    repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          total += repeat * conv_dot_flops(sub)
+  return total
+
+
 def num_params(tree: Any) -> int:
   """Number of scalars in a (possibly abstract) parameter tree."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
@@ -89,7 +122,8 @@ class CompiledStep:
 
   Calling the object runs one step and waits for it. Attributes: `exp`,
   `mesh`, `state`, `text` (the step's T5 params), `batch`, `compiled`, `flops` (per device per step),
-  `memory` (compiled memory analysis), `unet_params`, `text_params`.
+  `memory` (compiled memory analysis), `unet_params`, `text_params`,
+  `abstract` (state, batch and text params as shapes).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None,
@@ -121,6 +155,11 @@ class CompiledStep:
     self.memory = metrics_lib.memory_summary(self.compiled)
     self.unet_params = num_params(abstract.params)
     self.text_params = num_params(abstract_text)
+    self.abstract = (abstract, abstract_batch, abstract_text)
+
+  def conv_dot_flops(self) -> int:
+    """Convolution and matmul FLOPs of one step (`conv_dot_flops` of its jaxpr)."""
+    return conv_dot_flops(jax.make_jaxpr(self.exp.step_fn)(*self.abstract))
 
   def __call__(self) -> None:
     self.state, metrics = self.compiled(self.state, self.batch, self.text)

@@ -44,7 +44,8 @@ def run_suti(spec: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
   timing = common.time_calls(step, warmup, steps)
   return {"library": "suti_jax", "version": f"jax {jax.__version__}",
           "params": step.unet_params, "text_params": step.text_params,
-          "timing": timing.as_dict(), "examples_per_s": spec["batch_size"] / timing.median_s}
+          "timing": timing.as_dict(), "examples_per_s": spec["batch_size"] / timing.median_s,
+          "conv_dot_flops": step.conv_dot_flops()}
 
 
 def run_peer(library: str, spec: dict[str, Any], warmup: int, steps: int,
@@ -103,21 +104,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       f"{spec['channel_mults']}, ResBlocks {spec['num_res_blocks']}, attention at "
       f"{spec['attention_resolutions']}, text {spec['text_len']} x {spec['text_embed_dim']}, "
       f"batch {spec['batch_size']}; median of {steps} steps after {warmup} warm-up",
-      ["system", "version", "UNet params", "examples/s", "median step s", "CPU/wall",
-       "suti_jax / system"])
-  ratios = {}
+      ["system", "version", "UNet params", "GFLOP per example", "examples/s",
+       "GFLOP/s", "median step s", "CPU/wall", "suti_jax / system", "per FLOP"])
+  ratios, work_ratios = {}, {}
   for s in systems:
-    ratio = suti["examples_per_s"] / s["examples_per_s"]
-    ratios[s["library"]] = ratio
-    table.rows.append([s["library"], s["version"], s["params"], s["examples_per_s"],
-                       s["timing"]["median_s"], s["timing"]["cpu_wall_ratio"], ratio])
+    s["gflop_per_example"] = s["conv_dot_flops"] / spec["batch_size"] / 1e9
+    s["gflop_per_s"] = s["gflop_per_example"] * s["examples_per_s"]
+  for s in systems:
+    ratios[s["library"]] = suti["examples_per_s"] / s["examples_per_s"]
+    work_ratios[s["library"]] = suti["gflop_per_s"] / s["gflop_per_s"]
+    table.rows.append([s["library"], s["version"], s["params"], s["gflop_per_example"],
+                       s["examples_per_s"], s["gflop_per_s"], s["timing"]["median_s"],
+                       s["timing"]["cpu_wall_ratio"], ratios[s["library"]],
+                       work_ratios[s["library"]]])
   notes += [
       f"suti_jax runs the real compiled train step (train/step.py): it also encodes the text "
       f"with a 1-layer T5 ({suti['text_params']:,} params), drops 10% of captions, clips the "
       "global norm at 1, applies Adam and an EMA; the peer steps do the same around their UNet "
       "with precomputed text embeddings.",
-      "Architectures differ in detail (block layout, attention/FF internals), so the UNet "
-      "parameter counts are shown beside the speeds.",
+      "Architectures differ in detail (block layout, attention/FF internals), so the same "
+      "widths and depths are not the same work: GFLOP per example counts each step's "
+      "convolutions and matrix products, forward and backward (2 per multiply-add; suti_jax "
+      "from the step's jaxpr, the peers with torch's FlopCounterMode), and 'per FLOP' "
+      "compares GFLOP/s, the speed at equal work.",
       "CPU/wall well below the thread count means the cores were shared during the run; "
       "torch's OpenMP regions suffer more from that than XLA's thread pool, so only ratios "
       "from rows with CPU/wall near the thread count compare the libraries themselves.",
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return common.write_report(
       NAME, QUESTION, [table],
       {"spec": spec, "systems": systems, "suti_over_peer": ratios,
-       "peers_ran": len(systems) > 1},
+       "suti_over_peer_per_flop": work_ratios, "peers_ran": len(systems) > 1},
       smoke=args.smoke, out_dir=args.out_dir, notes=notes)
 
 

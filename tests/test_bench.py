@@ -67,6 +67,30 @@ def test_peers_skipped_says_why(tmp_path):
   assert "--peers=none" in out[1]
 
 
+def test_conv_dot_flops_counts_convs_dots_and_scans():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from bench import suti_step  # pylint: disable=import-outside-toplevel
+
+  def conv(x, w):  # [1, 8, 8, 3] * [3, 3, 3, 4], SAME: 2 * 8*8*4 outputs * 27 MACs.
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def fn(x, w, a, b, m):
+    loop = jax.lax.scan(lambda c, _: (m @ c, None), jnp.ones(4), None, length=3)[0]
+    return conv(x, w).sum() + jax.jit(jnp.matmul)(a, b).sum() + loop.sum()
+
+  args = (jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4)), jnp.ones((2, 5)), jnp.ones((5, 7)),
+          jnp.ones((4, 4)))
+  conv_flops, dot_flops, scan_flops = 2 * 8 * 8 * 4 * 27, 2 * 2 * 7 * 5, 3 * 2 * 4 * 4
+  assert suti_step.conv_dot_flops(jax.make_jaxpr(fn)(*args)) == (
+      conv_flops + dot_flops + scan_flops)
+  # The kernel gradient is one more convolution of the same size.
+  grad = jax.make_jaxpr(jax.grad(lambda w: conv(args[0], w).sum()))(args[1])
+  assert suti_step.conv_dot_flops(grad) == 2 * conv_flops
+
+
 def test_run_all_rejects_unknown_names():
   with pytest.raises(SystemExit, match="unknown benchmark"):
     run_all.main(["--only=roofline,nope"])
@@ -111,7 +135,12 @@ def test_smoke_train_step_vs_peers(smoke):
     # The reported ratio is the measured throughputs' quotient, in the JSON and the table.
     ratio = systems[0]["examples_per_s"] / s["examples_per_s"]
     assert res["suti_over_peer"][s["library"]] == pytest.approx(ratio)
-    assert rows[s["library"]][-1] == pytest.approx(ratio)
+    assert rows[s["library"]][-2] == pytest.approx(ratio)
+    # Work per example is counted for every system; the per-FLOP ratio is GFLOP/s's quotient.
+    assert _positive(s["conv_dot_flops"])
+    per_flop = systems[0]["gflop_per_s"] / s["gflop_per_s"]
+    assert res["suti_over_peer_per_flop"][s["library"]] == pytest.approx(per_flop)
+    assert rows[s["library"]][-1] == pytest.approx(per_flop)
 
 
 @pytest.mark.slow  # runs all five benchmarks end to end
