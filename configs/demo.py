@@ -112,14 +112,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # instead of 1.35 had lifted subject fidelity by 0.08 (v2) and 0.13 (v1).
   c.suti.sampling.text_guidance_scale = 3.0
   c.suti.sampling.exemplar_guidance_scale = 3.0
-  if full:
-    # `:full`'s v2 copies its exemplars more (validation subject / text fidelity
-    # 0.628 / 0.096 at 3 / 3; its teachers: 0.421 / 0.175). Text / exemplar
-    # guidance on the same validation subjects: 8 / 2 gave 0.499 / 0.149, 10 / 2
-    # 0.458 / 0.186, 12 / 2 0.426 / 0.203, 12 / 2.5 0.451 / 0.183, 16 / 2 0.391 /
-    # 0.182: 10 / 2 is the one clearly at or above the teachers on both.
-    c.suti.sampling.text_guidance_scale = 10.0
-    c.suti.sampling.exemplar_guidance_scale = 2.0
   # Four saved points per SuTI run (the recipe sets the interval per model): the
   # report's learning curve.
   c.suti.train.keep_checkpoints = 4
