@@ -5,7 +5,7 @@ jaxlib 0.10's CPU backend hands convolutions, dots, reductions and elementwise
 chains to YNNPACK. Its convolutions are the slow part here: alone, a 32 px
 weight-gradient convolution ran at 58-72 GFLOP/s under YNNPACK and at 158-234
 with XLA's Eigen convolutions. Keeping YNNPACK for dots and reductions only made
-the peer-matched train step 1.26-1.33x (`bench.step_profile`) and the demo's base and
+the peer-matched train step 1.22-1.33x (`bench.step_profile`) and the demo's base and
 SuTI steps 1.5x and 1.23x faster. Other backends ignore `xla_cpu_*` flags.
 """
 
