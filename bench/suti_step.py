@@ -95,15 +95,15 @@ def conv_dot_flops(jaxpr: Any) -> int:
   """
   total = 0
   for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-    out = eqn.outvars[0].aval.shape
     if eqn.primitive.name == "conv_general_dilated":
       kernel = eqn.invars[1].aval.shape
       out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
-      total += 2 * int(np.prod(out)) * int(np.prod(kernel)) // out_features
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod(kernel)) // out_features
     elif eqn.primitive.name == "dot_general":
       (contracting, _), _ = eqn.params["dimension_numbers"]
       lhs = eqn.invars[0].aval.shape
-      total += 2 * int(np.prod(out)) * int(np.prod([lhs[i] for i in contracting]))
+      total += (2 * int(np.prod(eqn.outvars[0].aval.shape))
+                * int(np.prod([lhs[i] for i in contracting])))
     repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
