@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from suti_jax.data import synthetic
 from suti_jax.demo import evaluate
@@ -199,10 +200,41 @@ def _fabricated_metrics():
   }
 
 
+def test_grid_image_titles_tiles_and_prompts():
+  exemplars = np.stack([np.full((16, 16, 3), 10 * (k + 1), np.uint8) for k in range(3)])
+  rows = [[np.full((16, 16, 3), 100 + 10 * m + r, np.uint8) for m in range(5)]
+          for r in range(2)]
+  grid = report.grid_image(exemplars, rows, ["a badge on the beach", "a red badge"])
+  tile, cell, title = 64, 72, report._TITLE_PX
+  assert grid.dtype == np.uint8 and grid.shape[0] == title + 2 * cell
+  dark = lambda region: (region < 128).any()
+  # Titles over the exemplars and over each method column; nothing above the spacer.
+  assert dark(grid[:title, :3 * cell])
+  methods_x = [3 * cell + cell // 2 + m * cell for m in range(5)]
+  for x in methods_x:
+    assert dark(grid[:title, x:x + tile])
+  assert not dark(grid[:title, 3 * cell:3 * cell + cell // 2])
+  # Every tile is its image upscaled x4, exemplars first (no blank slots), then methods.
+  for r in range(2):
+    top = title + r * cell
+    for k in range(3):
+      np.testing.assert_array_equal(grid[top:top + tile, k * cell:k * cell + tile],
+                                    10 * (k + 1))
+    for m, x in enumerate(methods_x):
+      np.testing.assert_array_equal(grid[top:top + tile, x:x + tile], 100 + 10 * m + r)
+    # The prompt is written right of the last method, within its row's band.
+    assert dark(grid[top:top + tile, methods_x[-1] + cell:])
+  assert not dark(grid[title + tile:title + cell, methods_x[-1] + cell:])
+  with pytest.raises(ValueError, match="2 rows but 1 prompts"):
+    report.grid_image(exemplars, rows, ["one"])
+  with pytest.raises(ValueError, match="5 images"):
+    report.grid_image(exemplars, [row[:4] for row in rows], ["a", "b"])
+
+
 def test_report_writer_tables(tmp_path):
   metrics = _fabricated_metrics()
   grid = report.grid_image(np.zeros((3, 16, 16, 3), np.uint8),
-                           [[np.full((16, 16, 3), 9, np.uint8)] * 5] * 2, max_exemplars=5)
+                           [[np.full((16, 16, 3), 9, np.uint8)] * 5] * 2, ["p one", "p two"])
   paths = report.write(str(tmp_path), metrics, [("s002000", grid, ["p one", "p two"])])
   text = open(paths["REPORT.md"]).read()
   for method in evaluate.METHODS:
@@ -222,9 +254,7 @@ def test_report_writer_tables(tmp_path):
   assert "![s002000](grid_s002000.png)" in text and "2. p two" in text
   saved = json.load(open(paths["metrics.json"]))
   assert saved["methods"] == metrics["methods"]
-  # 2 rows; 5 exemplar columns + a blank one + 5 methods; cells of 16 + 2 px, x4.
-  assert grid.shape == (2 * 18 * 4, 11 * 18 * 4, 3)
-  assert os.path.exists(tmp_path / "grid_s002000.png")
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid_s002000.png")), grid)
 
 
 def test_heldout_subjects_are_disjoint_and_have_ground_truth():

@@ -374,8 +374,9 @@ class Demo:
       start += len(subject.prompts)
       if len(grids) < self.cfg.eval.num_grid_subjects:
         cells = [[generated[m].images[r] for m in report.GRID_METHODS] for r in rows]
-        image = report.grid_image(subject.exemplar_images, cells, self.cfg.world.max_exemplars)
-        grids.append((subject.subject_id, image, [prompts[r].prompt for r in rows]))
+        texts = [prompts[r].prompt for r in rows]
+        grids.append((subject.subject_id,
+                      report.grid_image(subject.exemplar_images, cells, texts), texts))
     paths = report.write(self.report_dir, metrics, grids)
     return {"paths": paths}
 

@@ -9,15 +9,21 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from suti_jax.data import synthetic
 from suti_jax.demo import evaluate
 
 # Methods shown in the grids, after the exemplar columns.
 GRID_METHODS = ("suti_v2", "suti_v1", "dreambooth", "text_only", "ground_truth")
+# Their column titles in the PNGs.
+GRID_TITLES = {"suti_v2": "SuTI v2", "suti_v1": "SuTI v1", "dreambooth": "DreamBooth",
+               "text_only": "text-only", "ground_truth": "truth"}
 _GRID_SCALE = 4
 _GAP_PX = 2
+_TITLE_PX = 24
+_FONT_PX = 12
+_TEXT_RGB = (40, 40, 40)
 # Differences smaller than this are called ties in the paragraph.
 _TIE = 0.01
 CAVEAT = ("Read these numbers at their scale: UNets of about a hundred thousand parameters, "
@@ -263,7 +269,7 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
                  f"{compile_s:.1f} |")
   if grids:
     lines += ["", "## Grids", "",
-              "Each row is one prompt. Columns: the exemplars (blank = no exemplar), then "
+              "Each row is one prompt. Columns: the exemplars, then "
               + " | ".join(evaluate.METHOD_LABELS[m] for m in GRID_METHODS) + ".", ""]
     for grid in grids:
       lines += [f"### {grid['subject']}", "", f"![{grid['subject']}]({grid['path']})", ""]
@@ -272,27 +278,53 @@ def render_markdown(metrics: dict[str, Any], grids: Sequence[dict[str, Any]] = (
 
 
 def grid_image(exemplars: np.ndarray, rows: Sequence[Sequence[np.ndarray]],
-               max_exemplars: int) -> np.ndarray:
-  """One subject's grid: per row the exemplars, then one image per method.
+               prompts: Sequence[str]) -> np.ndarray:
+  """One subject's grid, titled: per prompt its exemplars, one image per method
+  (`GRID_METHODS` order) and the prompt's text.
 
   Args:
-    exemplars: uint8 [K, S, S, 3].
+    exemplars: uint8 [K, S, S, 3], the subject's exemplars.
     rows: per prompt, the methods' uint8 [S, S, 3] images.
-    max_exemplars: exemplar columns (missing ones stay blank).
+    prompts: one text per row.
 
   Returns:
-    uint8 [rows * (S + gap), columns * (S + gap), 3], upscaled x4 (nearest).
+    uint8 [H, W, 3]: a title band over the columns, then one band per prompt;
+    images upscaled x4 (nearest).
+
+  Raises:
+    ValueError: `prompts` and `rows` differ in length, or a row does not hold
+      one image per `GRID_METHODS` entry.
   """
-  size = exemplars.shape[1]
-  cell = size + _GAP_PX
-  columns = max_exemplars + 1 + len(rows[0])  # One blank column separates the groups.
-  grid = np.full((len(rows) * cell, columns * cell, 3), 255, np.uint8)
-  for r, images in enumerate(rows):
-    cells = list(exemplars) + [None] * (max_exemplars - len(exemplars)) + [None] + list(images)
-    for c, image in enumerate(cells):
-      if image is not None:
-        grid[r * cell:r * cell + size, c * cell:c * cell + size] = image
-  return np.repeat(np.repeat(grid, _GRID_SCALE, axis=0), _GRID_SCALE, axis=1)
+  if len(prompts) != len(rows):
+    raise ValueError(f"grid: {len(rows)} rows but {len(prompts)} prompts")
+  if any(len(images) != len(GRID_METHODS) for images in rows):
+    raise ValueError(f"grid: every row needs {len(GRID_METHODS)} images ({GRID_METHODS})")
+  tile = exemplars.shape[1] * _GRID_SCALE
+  cell = tile + _GAP_PX * _GRID_SCALE
+  font = ImageFont.load_default(size=_FONT_PX)
+  # Exemplar columns, a half-cell spacer, the method columns, then the prompt.
+  method_x = [len(exemplars) * cell + cell // 2 + i * cell for i in range(len(GRID_METHODS))]
+  text_x = method_x[-1] + cell
+  width = text_x + max(int(font.getlength(p)) for p in prompts) + cell // 2
+  canvas = Image.new("RGB", (width, _TITLE_PX + len(rows) * cell), "white")
+  draw = ImageDraw.Draw(canvas)
+
+  def title(text: str, left: int, span: int) -> None:
+    draw.text((left + (span - font.getlength(text)) / 2, _TITLE_PX // 2), text,
+              fill=_TEXT_RGB, font=font, anchor="lm")
+
+  title("exemplars", 0, len(exemplars) * cell - cell + tile)
+  for x, method in zip(method_x, GRID_METHODS):
+    title(GRID_TITLES[method], x, tile)
+  upscale = lambda image: Image.fromarray(
+      np.repeat(np.repeat(image, _GRID_SCALE, axis=0), _GRID_SCALE, axis=1))
+  for r, (images, prompt) in enumerate(zip(rows, prompts)):
+    top = _TITLE_PX + r * cell
+    for x, image in zip([i * cell for i in range(len(exemplars))] + method_x,
+                        [*exemplars, *images]):
+      canvas.paste(upscale(image), (x, top))
+    draw.text((text_x, top + tile // 2), prompt, fill=_TEXT_RGB, font=font, anchor="lm")
+  return np.asarray(canvas)
 
 
 def write(report_dir: str, metrics: dict[str, Any],
