@@ -305,7 +305,7 @@ def grid_image(exemplars: np.ndarray, rows: Sequence[Sequence[np.ndarray]],
   # Exemplar columns, a half-cell spacer, the method columns, then the prompt.
   method_x = [len(exemplars) * cell + cell // 2 + i * cell for i in range(len(GRID_METHODS))]
   text_x = method_x[-1] + cell
-  width = text_x + max(int(font.getlength(p)) for p in prompts) + cell // 2
+  width = text_x + max((int(font.getlength(p)) for p in prompts), default=0) + cell // 2
   canvas = Image.new("RGB", (width, _TITLE_PX + len(rows) * cell), "white")
   draw = ImageDraw.Draw(canvas)
 
