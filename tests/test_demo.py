@@ -225,6 +225,8 @@ def test_grid_image_titles_tiles_and_prompts():
     # The prompt is written right of the last method, within its row's band.
     assert dark(grid[top:top + tile, methods_x[-1] + cell:])
   assert not dark(grid[title + tile:title + cell, methods_x[-1] + cell:])
+  # No prompts: the title band alone.
+  assert report.grid_image(exemplars, [], []).shape[0] == title
   with pytest.raises(ValueError, match="2 rows but 1 prompts"):
     report.grid_image(exemplars, rows, ["one"])
   with pytest.raises(ValueError, match="5 images"):
