@@ -316,13 +316,12 @@ def grid_image(exemplars: np.ndarray, rows: Sequence[Sequence[np.ndarray]],
   title("exemplars", 0, len(exemplars) * cell - cell + tile)
   for x, method in zip(method_x, GRID_METHODS):
     title(GRID_TITLES[method], x, tile)
-  upscale = lambda image: Image.fromarray(
-      np.repeat(np.repeat(image, _GRID_SCALE, axis=0), _GRID_SCALE, axis=1))
+  column_x = [i * cell for i in range(len(exemplars))] + method_x
   for r, (images, prompt) in enumerate(zip(rows, prompts)):
     top = _TITLE_PX + r * cell
-    for x, image in zip([i * cell for i in range(len(exemplars))] + method_x,
-                        [*exemplars, *images]):
-      canvas.paste(upscale(image), (x, top))
+    for x, image in zip(column_x, [*exemplars, *images]):
+      canvas.paste(Image.fromarray(image).resize((tile, tile), Image.Resampling.NEAREST),
+                   (x, top))
     draw.text((text_x, top + tile // 2), prompt, fill=_TEXT_RGB, font=font, anchor="lm")
   return np.asarray(canvas)
 
