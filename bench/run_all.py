@@ -18,7 +18,8 @@ from bench import common
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run order: cheapest first, so a failure late on still leaves the earlier reports.
 SCRIPTS = ("roofline", "sharding_memory", "input_pipeline", "loop_efficiency",
-           "train_step_vs_peers", "step_profile", "personalization_cost")
+           "exemplar_gradients", "train_step_vs_peers", "step_profile",
+           "personalization_cost")
 
 
 def run_script(name: str, smoke: bool, out_dir: str) -> dict[str, Any]:

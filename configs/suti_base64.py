@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_exemplars=5,
       attention_resolutions=(8,) if tiny else (32, 16, 8),
       include_caption_tokens=True, encoder_log_snr=20.0,
-      position_embedding=True))
+      position_embedding=True, encoder_gradients=True))
   c.diffusion.text_drop_prob = 0.1
   c.diffusion.exemplar_drop_prob = 0.1
   c.diffusion.both_drop_prob = 0.1

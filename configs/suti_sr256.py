@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_exemplars=5,
       attention_resolutions=(16,) if tiny else (32,),
       include_caption_tokens=True, encoder_log_snr=20.0,
-      position_embedding=True))
+      position_embedding=True, encoder_gradients=True))
   c.diffusion.exemplar_drop_prob = 0.1
   c.diffusion.both_drop_prob = 0.1
   c.sampling.guidance = "interleaved"

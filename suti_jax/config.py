@@ -38,6 +38,11 @@ class ExemplarConfig:
     position_embedding: add a fixed 2D sinusoidal position embedding (no
       parameters) to the exemplar image tokens and to the generating queries,
       so attention can align locations; caption tokens get none.
+    encoder_gradients: back-propagate the loss through the exemplar encoding
+      into the shared downstack. False treats the encoded exemplars as
+      constants of the step (the downstack still learns from generation, the
+      exemplar attention from its tokens), which skips the backward pass of
+      K downstack passes per example.
   """
 
   max_exemplars: int = 5
@@ -45,6 +50,7 @@ class ExemplarConfig:
   include_caption_tokens: bool = True
   encoder_log_snr: float = 20.0
   position_embedding: bool = True
+  encoder_gradients: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

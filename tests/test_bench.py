@@ -108,7 +108,7 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", run_all.SCRIPTS)
-@pytest.mark.slow  # runs all five benchmarks end to end
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_report_is_well_formed(smoke, name):
   reports, summary = smoke
   r = reports[name]
@@ -121,7 +121,7 @@ def test_smoke_report_is_well_formed(smoke, name):
     assert t["rows"] and all(len(row) == len(t["headers"]) for row in t["rows"])
 
 
-@pytest.mark.slow  # runs all five benchmarks end to end
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_train_step_vs_peers(smoke):
   res = smoke[0]["train_step_vs_peers"]["results"]
   systems = res["systems"]
@@ -143,7 +143,7 @@ def test_smoke_train_step_vs_peers(smoke):
     assert rows[s["library"]][-1] == pytest.approx(per_flop)
 
 
-@pytest.mark.slow  # runs all five benchmarks end to end
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_step_profile_compares_the_flag_sets_it_names(smoke):
   res = smoke[0]["step_profile"]["results"]
   flag = "xla_cpu_experimental_ynn_fusion_type="
@@ -158,7 +158,7 @@ def test_smoke_step_profile_compares_the_flag_sets_it_names(smoke):
     assert all(ms >= 0 for ms in kinds.values()) and _positive(sum(kinds.values()))
 
 
-@pytest.mark.slow  # runs all five benchmarks end to end
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_roofline(smoke):
   res = smoke[0]["roofline"]["results"]
   assert _positive(res["peak_gflops_per_s"])
@@ -170,7 +170,7 @@ def test_smoke_roofline(smoke):
   assert full == pytest.approx(2 * one)
 
 
-@pytest.mark.slow  # runs all five benchmarks end to end
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_sharding_memory(smoke):
   res = smoke[0]["sharding_memory"]["results"]
   rows = {r["devices"]: r for r in res["abstract"]}
@@ -184,7 +184,17 @@ def test_smoke_sharding_memory(smoke):
   assert compiled[2]["argument"] < compiled[1]["argument"]
 
 
-@pytest.mark.slow  # runs all five benchmarks end to end
+@pytest.mark.slow  # runs every benchmark end to end
+def test_smoke_exemplar_gradients(smoke):
+  res = smoke[0]["exemplar_gradients"]["results"]
+  through, constant = res["through the exemplars"], res["exemplars as constants"]
+  assert _positive(through["ms_per_step"]) and _positive(constant["ms_per_step"])
+  # Without the backward pass through the exemplar encoding the step does less work.
+  assert 0 < constant["gflop_per_step"] < through["gflop_per_step"]
+  assert res["speedup"] == pytest.approx(through["ms_per_step"] / constant["ms_per_step"])
+
+
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_input_pipeline(smoke):
   res = smoke[0]["input_pipeline"]["results"]
   assert res["beam"]["groups"] > 0
@@ -194,7 +204,7 @@ def test_smoke_input_pipeline(smoke):
     assert _positive(value)
 
 
-@pytest.mark.slow  # runs all five benchmarks end to end
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_personalization_cost(smoke):
   res = smoke[0]["personalization_cost"]["results"]
   assert res["num_images"] == 5  # One prompt per skill.

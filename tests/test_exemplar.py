@@ -162,6 +162,37 @@ def test_gradients_reach_exemplar_params(model):
   assert all(norm > 0 for norm in exemplar_grad_norms(grad_fn(trained)).values())
 
 
+def test_encoder_gradients_off_treats_exemplar_features_as_constants(model):
+  _, trained, apply = model
+  inputs = _inputs(6)
+  frozen_cfg = dataclasses.replace(
+      CFG, exemplar=dataclasses.replace(CFG.exemplar, encoder_gradients=False))
+  loss = lambda cfg, p, kw: jnp.mean(UNet(cfg).apply(p, **kw) ** 2)
+  np.testing.assert_allclose(_jit(lambda p: UNet(frozen_cfg).apply(p, **inputs))(trained),
+                             apply(trained, inputs), atol=1e-5, rtol=1e-5)
+  frozen = _jit(jax.grad(functools.partial(loss, frozen_cfg)))(trained, inputs)
+  # The same loss with the exemplars encoded outside the differentiated function.
+  ex = inputs["exemplars"]
+  feats = _jit(lambda p: UNet(CFG).apply(p, ex.images, ex.text_emb, ex.text_mask, ex.mask,
+                                         method=UNet.encode_exemplars))(trained)
+  constant = _jit(jax.grad(lambda p: loss(CFG, p, {**inputs, "exemplars": None,
+                                                   "exemplar_features": feats})))(trained)
+  through = _jit(jax.grad(functools.partial(loss, CFG)))(trained, inputs)
+  flat = lambda g: {"/".join(k): v.value for k, v in flax.traverse_util.flatten_dict(g).items()}
+  frozen, constant, through = flat(frozen), flat(constant), flat(through)
+  caption_proj = [p for p in frozen if "exemplar_caption_proj" in p]
+  assert caption_proj
+  for path in frozen:
+    if path in caption_proj:  # Exemplar-only layers after the encoding still learn.
+      assert float(jnp.abs(frozen[path]).max()) > 0, path
+    else:
+      np.testing.assert_allclose(frozen[path], constant[path], atol=1e-6, rtol=1e-5,
+                                 err_msg=path)
+  # The downstack's input conv learns from the exemplar path only with gradients on.
+  path = next(p for p in frozen if p.endswith("conv_in/kernel"))
+  assert _mean_abs_diff(through[path], frozen[path]) > 1e-2 * float(jnp.abs(through[path]).mean())
+
+
 def test_position_embedding_is_a_fixed_grid_code():
   pe = exemplar.position_embedding_2d(8, 8, 64)
   assert pe.shape == (64, 64)

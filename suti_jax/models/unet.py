@@ -286,6 +286,10 @@ class UNet(nn.Module):
                               log_snr if cfg.low_res_size else None)
     x = self._model_input(x.astype(jnp.dtype(cfg.dtype)), low_res_flat)
     _, _, features = self.down(x, emb, captions, caption_mask, None, False)
+    if not cfg.exemplar.encoder_gradients:
+      # Constants of the step for the shared layers; exemplar-only layers below
+      # (the caption projection) still learn.
+      features, captions = jax.lax.stop_gradient((features, captions))
     tokens, token_mask = {}, {}
     for res in cfg.exemplar.attention_resolutions:
       key = str(res)
