@@ -1,7 +1,7 @@
 """The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
 (experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
 
-  python -m launch.demo          # 22 min measured on a fresh clone, install included
+  python -m launch.demo          # 27 min measured on a fresh clone, install included
                                  # (README); the v2 experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
   python -m launch.demo --config=configs/demo.py:full --workdir=workdirs/demo_full \
@@ -106,7 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The encoded exemplars are constants of the step (`encoder_gradients`): the shared
   # downstack learns from generation, the exemplar attention from the tokens it
   # reads, and the step skips the backward pass of K_max downstack passes per
-  # example: 335 -> 227 ms per step alone on 2 cores (AMD VM). SuTI v2 on the
+  # example: 1.35x the step's speed alone on 2 cores (bench.exemplar_gradients, AMD
+  # VM: 229 vs 310 ms). SuTI v2 on the
   # report's subjects at 2400 steps, subject / same-subject / text fidelity: 0.438 /
   # 0.600 / 0.119 with gradients through the exemplars, 0.434 / 0.617 / 0.119 without.
   c.suti.model.exemplar.encoder_gradients = False
