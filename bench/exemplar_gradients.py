@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       timing = common.time_calls(step, 2, calls)
       medians[name].append(timing.median_s)
       cpu_wall[name].append(timing.cpu_wall_ratio)
-  batch = _config(True, args.smoke).train.batch_size
+  sec = next(iter(steps.values())).exp.sec
+  batch = sec.train.batch_size
   table = common.Table(
-      f"Demo SuTI step (batch {batch}, K_max 5, 16 px), alternated {rounds} x {calls} calls",
+      f"Demo SuTI step (batch {batch}, K_max {sec.model.exemplar.max_exemplars}, "
+      f"{sec.model.image_size} px), alternated {rounds} x {calls} calls",
       ["exemplar encoding", "ms per step", "examples/s", "conv+matmul GFLOP per step",
        "CPU/wall"])
   results: dict[str, Any] = {}

@@ -51,6 +51,14 @@ def text_encoder(tiny: bool) -> ml_collections.ConfigDict:
       max_length=128, dtype="bfloat16"))
 
 
+def exemplar(attention_resolutions: tuple[int, ...]) -> ml_collections.ConfigDict:
+  """SuTI exemplar attention at `attention_resolutions` (px), K_max = 5 (the paper's)."""
+  return ml_collections.ConfigDict(dict(
+      max_exemplars=5, attention_resolutions=attention_resolutions,
+      include_caption_tokens=True, encoder_log_snr=20.0, position_embedding=True,
+      encoder_gradients=True))
+
+
 def skeleton(stage: str) -> ml_collections.ConfigDict:
   """All sections with their defaults; stage configs change a few fields."""
   c = ml_collections.ConfigDict()

@@ -107,9 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # downstack learns from generation, the exemplar attention from the tokens it
   # reads, and the step skips the backward pass of K_max downstack passes per
   # example: 1.35x the step's speed alone on 2 cores (bench.exemplar_gradients, AMD
-  # VM: 229 vs 310 ms). SuTI v2 on the
-  # report's subjects at 2400 steps, subject / same-subject / text fidelity: 0.438 /
-  # 0.600 / 0.119 with gradients through the exemplars, 0.434 / 0.617 / 0.119 without.
+  # VM: 229 vs 310 ms). SuTI v2 on the report's subjects at 2400 steps, subject /
+  # same-subject / text fidelity: 0.438 / 0.600 / 0.119 with gradients through the
+  # exemplars, 0.434 / 0.617 / 0.119 without.
   c.suti.model.exemplar.encoder_gradients = False
   # Interleaved guidance weighs the exemplars 3x and the text 3x. Chosen with SuTI
   # v2 on 12 validation subjects (the 12 held-out seeds after the report's, which

@@ -5,6 +5,7 @@ Initialised from an Imagen base64 checkpoint (`--config.init_from=DIR`).
 
 import ml_collections
 
+from configs import common
 from configs import imagen_base64
 
 # The parent's options (`:tiny`); its get_config checks them.
@@ -15,11 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = imagen_base64.get_config(arg)
   c.stage = "suti_base64"
   tiny = c.model.image_size == 16
-  c.model.exemplar = ml_collections.ConfigDict(dict(
-      max_exemplars=5,
-      attention_resolutions=(8,) if tiny else (32, 16, 8),
-      include_caption_tokens=True, encoder_log_snr=20.0,
-      position_embedding=True, encoder_gradients=True))
+  c.model.exemplar = common.exemplar((8,) if tiny else (32, 16, 8))
   c.diffusion.text_drop_prob = 0.1
   c.diffusion.exemplar_drop_prob = 0.1
   c.diffusion.both_drop_prob = 0.1

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from configs import common
 from configs import imagen_sr256
 
 # The parent's options (`:tiny`); its get_config checks them.
@@ -12,11 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = imagen_sr256.get_config(arg)
   c.stage = "suti_sr256"
   tiny = c.model.image_size == 32
-  c.model.exemplar = ml_collections.ConfigDict(dict(
-      max_exemplars=5,
-      attention_resolutions=(16,) if tiny else (32,),
-      include_caption_tokens=True, encoder_log_snr=20.0,
-      position_embedding=True, encoder_gradients=True))
+  c.model.exemplar = common.exemplar((16,) if tiny else (32,))
   c.diffusion.exemplar_drop_prob = 0.1
   c.diffusion.both_drop_prob = 0.1
   c.sampling.guidance = "interleaved"
