@@ -29,6 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from data_pipeline import cluster
 from data_pipeline import cluster_filter
 from data_pipeline import consolidate
+from data_pipeline import counters
 from data_pipeline import expert_render
 from data_pipeline import prompt_writer
 from data_pipeline import read
@@ -68,11 +69,23 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument("--min_subject_score", type=float, default=score_defaults.min_subject_score)
   p.add_argument("--min_text_score", type=float, default=score_defaults.min_text_score)
   p.add_argument("--max_exemplars", type=int, default=score_defaults.max_exemplars)
+  p.add_argument("--num_parts", type=int, default=1,
+                 help="Split the clusters into this many disjoint parts by a hash of their key.")
+  p.add_argument("--part", type=int, default=0,
+                 help="The part this run renders (0 <= part < num_parts): the parts' runs "
+                      "together write the groups of one run over all clusters.")
   return p.parse_known_args(list(argv))
+
+
+def in_part(cluster_key: str, part: int, num_parts: int) -> bool:
+  """Whether a cluster belongs to `part` of `num_parts` (a stable hash of its key)."""
+  return counters.stable_seed("part", cluster_key) % num_parts == part
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
   """Adds every stage to `p`, reading and writing the paths in `args`."""
+  if not 0 <= args.part < args.num_parts:
+    raise ValueError(f"--part={args.part} must be in [0, --num_parts={args.num_parts})")
   rules = cluster.UrlRules(args.url_path_depth, args.keep_www)
   filter_cfg = cluster_filter.ClusterFilterConfig(
       args.min_images, args.max_images, args.min_similarity, args.outlier_similarity)
@@ -82,8 +95,13 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
       args.min_subject_score, args.min_text_score, args.max_exemplars)
 
   inputs = p | "Read" >> read.ReadWebPairs(args.input, args.input_format)
-  clusters = (inputs.records
-              | "Cluster" >> cluster.ClusterByUrl(rules)
+  clusters = inputs.records | "Cluster" >> cluster.ClusterByUrl(rules)
+  if args.num_parts > 1:
+    # Right after clustering: a part filters, recaptions and renders only its own
+    # clusters, so the parts' cluster drops add up to those of one whole run.
+    clusters = clusters | "KeepPart" >> beam.Filter(
+        lambda c: in_part(c.key, args.part, args.num_parts))
+  clusters = (clusters
               | "FilterClusters" >> cluster_filter.FilterClusters(
                   cluster_filter.ColourEmbedder(), filter_cfg)
               | "Recaption" >> recaption.Recaption()

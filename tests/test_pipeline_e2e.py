@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from data_pipeline import build_icl_groups, read
@@ -84,3 +85,30 @@ def test_oracle_and_same_cluster_runs(tmp_path):
     target_url = g.source_urls[-1]
     assert target_url not in g.source_urls[:-1]  # The target is not an exemplar.
     assert g.target_image == records.encode_png(next(p.image for p in pairs if p.url == target_url))
+
+
+def test_parts_together_write_the_whole_runs_groups(tmp_path):
+  pairs = sy.generate_web_pairs(12, seed=0, size_px=16)
+  jsonl = read.write_jsonl_input(pairs, str(tmp_path / "web"))
+  whole = _run(jsonl, tmp_path / "whole", "oracle")
+  _, whole_groups = _groups(tmp_path / "whole")
+  parts, drops = [], collections.Counter()
+  for part in range(2):
+    summary = build_icl_groups.run([f"--input={jsonl}", f"--output={tmp_path / str(part)}",
+                                    "--renderer=oracle", "--num_shards=3", "--num_parts=2",
+                                    f"--part={part}", "--runner=DirectRunner"])
+    drops.update(summary["drops"])
+    parts.append(_groups(tmp_path / str(part))[1])
+  keys = [{g.source_urls[0].rsplit("/", 1)[0] for g in groups} for groups in parts]
+  assert keys[0] and keys[1] and not keys[0] & keys[1]  # Both non-empty, disjoint.
+  serialized = sorted(g.target_prompt + "|" + "|".join(g.source_urls)
+                      for groups in parts for g in groups)
+  assert serialized == sorted(g.target_prompt + "|" + "|".join(g.source_urls)
+                              for g in whole_groups)
+  assert drops == collections.Counter(whole["drops"])
+
+
+def test_part_outside_num_parts_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="--part=2 must be in"):
+    build_icl_groups.run([f"--input={tmp_path}/none.jsonl", f"--output={tmp_path / 'out'}",
+                          "--num_parts=2", "--part=2", "--runner=DirectRunner"])

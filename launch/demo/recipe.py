@@ -5,8 +5,10 @@ held-out evaluation -> reports/demo/REPORT.md); `run` is the entry point.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Collection, Mapping
@@ -60,9 +62,10 @@ class Demo:
 
   # The workdir folders each stage writes: emptied when the stage runs under a
   # new recipe, so a trainer never resumes another recipe's checkpoints.
+  # (The ICL stages' folders come from `icl_parts`.)
   FOLDERS = {"web": ("web",), "train_base": ("base",), "train_sr": ("sr",),
-             "train_judges": ("judges",), "icl_v2": ("icl_v2",), "icl_v1": ("icl_v1",),
-             "train_suti_v2": ("suti_v2",), "train_suti_v1": ("suti_v1",)}
+             "train_judges": ("judges",), "train_suti_v2": ("suti_v2",),
+             "train_suti_v1": ("suti_v1",)}
 
   # Stages that run with no other stage beside them: timings comparable across methods.
   EXCLUSIVE = ("time_personalization",)
@@ -203,11 +206,27 @@ class Demo:
                         {"fingerprint": fingerprint, "report": scores})
     return {"paths": paths, "report": scores}
 
-  def build_groups(self, version: str, renderer: str) -> dict[str, Any]:
+  def icl_parts(self, version: str) -> list[tuple[str, str]]:
+    """(stage name, folder) of each part of the `version` pipeline: the v2 pipeline
+    runs as `pipeline.v2_parts` stages over disjoint clusters (so its experts can
+    fill both worker slots), v1 as one."""
+    parts = self.cfg.pipeline.v2_parts if version == "v2" else 1
+    if parts == 1:
+      return [(f"icl_{version}", f"icl_{version}")]
+    return [(f"icl_{version}_part{i}", f"icl_{version}/part{i}") for i in range(parts)]
+
+  def icl_pattern(self, version: str) -> str:
+    """The glob of every ICL-group shard the `version` pipeline's parts wrote."""
+    folder = f"icl_{version}" if len(self.icl_parts(version)) == 1 else f"icl_{version}/part*"
+    return self.path(folder, f"{build_icl_groups.OUTPUT_PREFIX}-*")
+
+  def build_groups(self, version: str, renderer: str, part: int = 0) -> dict[str, Any]:
     p = self.cfg.pipeline
-    output = self.path(f"icl_{version}")
+    parts = self.icl_parts(version)
+    output = self.path(parts[part][1])
     args = build_icl_groups.pipeline_args(
         input=self.path("web", "web.jsonl"), output=output, renderer=renderer,
+        part=part, num_parts=len(parts),
         num_shards=p.num_shards, seed=self.cfg.seed, prompts_per_cluster=p.prompts_per_cluster,
         subject_scorer=f"judge:{self.path('judges', 'subject')}",
         text_scorer=f"judge:{self.path('judges', 'text')}",
@@ -236,7 +255,7 @@ class Demo:
     cfg.train.total_steps = self.cfg.suti_steps[version]
     cfg.train.checkpoint_every_steps = max(1, cfg.train.total_steps // 4)
     cfg.init_from = self.path("base", "checkpoints")
-    cfg.data.pattern = self.path(f"icl_{version}", "icl-*")
+    cfg.data.pattern = self.icl_pattern(version)
     if cfg.data.precomputed_embeddings:
       # SuTI starts from the base, so it reads the texts through the base's frozen T5.
       cfg.text.weights_path = self.path("base", "checkpoints", checkpoint_lib.TEXT_ENCODER_DIR)
@@ -346,6 +365,15 @@ class Demo:
     with open(StageRunner(self.workdir).marker_path(name)) as f:
       return json.load(f)
 
+  def _groups_written(self, version: str) -> dict[str, Any]:
+    """Groups written and drops of the `version` pipeline, summed over its parts."""
+    written, drops = 0, collections.Counter()
+    for name, _ in self.icl_parts(version):
+      outputs = self._marker(name)["outputs"]
+      written += outputs["groups_written"]
+      drops.update(outputs["drops"])
+    return {"groups_written": written, "drops": dict(drops)}
+
   def write_report(self) -> dict[str, Any]:
     with open(self.path("eval", "metrics.json")) as f:
       metrics = json.load(f)
@@ -355,8 +383,7 @@ class Demo:
         personalization_s=timing["seconds_per_subject"],
         personalization_timed_subjects=timing["timed_subjects"],
         judges=self._marker("train_judges")["outputs"]["report"],
-        data={f"ICL {v}": {k: self._marker(f"icl_{v}")["outputs"][k]
-                           for k in ("groups_written", "drops")} for v in ("v2", "v1")},
+        data={f"ICL {v}": self._groups_written(v) for v in ("v2", "v1")},
         stages={name: {k: v for k, v in self._marker(name).items()
                        if k in ("wall_s", "cpu_s", "compile_s", "start_time", "end_time")}
                 for name in self.stage_names() if name != "report"},
@@ -401,16 +428,21 @@ class Demo:
     # SuTI's sampler settings fingerprint the stages that sample, not the training.
     suti_training = {k: v for k, v in c["suti"].items() if k != "sampling"}
     suti_sampling = [steps, c["suti"]["sampling"]]
+    v2_parts = self.icl_parts("v2")
+    v1_pipeline = {k: v for k, v in c["pipeline"].items() if k != "v2_parts"}
+    folders = dict(self.FOLDERS, **{name: (folder,) for v in ("v2", "v1")
+                                    for name, folder in self.icl_parts(v)})
     specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
         ("web", self.write_web, world, ()),
         ("train_base", self.train_base, self.base_fingerprint(), ()),
         ("train_judges", self.train_judges, c["judges"], ()),
-        ("icl_v2", lambda: self.build_groups("v2", "expert"), [c["pipeline"], experts],
-         ("web", "train_base", "train_judges")),
-        ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), c["pipeline"],
+        *[(name, functools.partial(self.build_groups, "v2", "expert", part),
+           [c["pipeline"], experts, part], ("web", "train_base", "train_judges"))
+          for part, (name, _) in enumerate(v2_parts)],
+        ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), v1_pipeline,
          ("web", "train_judges")),
         ("train_suti_v2", lambda: self.train_suti("v2"), [suti_training, c["suti_steps"]["v2"]],
-         ("train_base", "icl_v2")),
+         ("train_base", *(name for name, _ in v2_parts))),
         ("train_suti_v1", lambda: self.train_suti("v1"), [suti_training, c["suti_steps"]["v1"]],
          ("train_base", "icl_v1")),
         ("generate_suti_v2", lambda: self.generate("suti_v2"), suti_sampling, ("train_suti_v2",)),
@@ -442,7 +474,7 @@ class Demo:
       fingerprints[name] = [own, [fingerprints[d] for d in deps]]
       if name not in independent:
         fingerprints[name].append(world)
-      out.append(Stage(name, fn, fingerprints[name], deps, self.FOLDERS.get(name, ()),
+      out.append(Stage(name, fn, fingerprints[name], deps, folders.get(name, ()),
                        exclusive=name in self.EXCLUSIVE))
     return out
 
