@@ -10,7 +10,10 @@ Flags not defined here are Beam PipelineOptions and pass through unchanged, so
 change (input/output may be gs:// paths; workers need this package installed, e.g.
 `--setup_file=./setup.py`). Outputs in --output: `icl-SSSSS-of-NNNNN` TFRecords of
 `suti_jax.data.records.ICLGroup`, `dead_letter.jsonl` (invalid inputs, with reason
-and id/url) and `summary.json` (counts per stage and per drop reason). Stages:
+and id/url) and `summary.json` (counts per stage and per drop reason).
+`--num_parts=N --part=i` renders only the clusters whose key hashes to part i (its
+files are `icl-part<i>-SSSSS-of-NNNNN`), so N runs split one run's work between them.
+Stages:
 read -> cluster by URL -> cluster filter -> recaption -> consolidate -> prompts ->
 expert render -> fidelity filter -> write; each is a PTransform in its own module.
 """
@@ -115,8 +118,11 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
   groups = rendered.candidates | "ScoreFilter" >> score_filter.ScoreAndFilter(
       score_filter.make_scorer("subject", args.subject_scorer),
       score_filter.make_scorer("text", args.text_scorer), score_cfg)
+  # A part's files carry its number, so the parts' outputs can be read (and
+  # rewritten by name, as `embed_text` does) together.
+  prefix = OUTPUT_PREFIX if args.num_parts == 1 else f"{OUTPUT_PREFIX}-part{args.part}"
   _ = groups | "WriteGroups" >> write.WriteIclGroups(
-      FileSystems.join(args.output, OUTPUT_PREFIX), args.num_shards)
+      FileSystems.join(args.output, prefix), args.num_shards)
   _ = ((inputs.dead_letter, rendered.dead_letter)
        | "DeadLetters" >> beam.Flatten()
        | "WriteDeadLetters" >> write.WriteSortedJsonl(

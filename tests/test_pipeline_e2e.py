@@ -98,7 +98,9 @@ def test_parts_together_write_the_whole_runs_groups(tmp_path):
                                     "--renderer=oracle", "--num_shards=3", "--num_parts=2",
                                     f"--part={part}", "--runner=DirectRunner"])
     drops.update(summary["drops"])
-    parts.append(_groups(tmp_path / str(part))[1])
+    paths, groups = _groups(tmp_path / str(part))
+    assert all(os.path.basename(p).startswith(f"icl-part{part}-") for p in paths)
+    parts.append(groups)
   keys = [{g.source_urls[0].rsplit("/", 1)[0] for g in groups} for groups in parts]
   assert keys[0] and keys[1] and not keys[0] & keys[1]  # Both non-empty, disjoint.
   serialized = sorted(g.target_prompt + "|" + "|".join(g.source_urls)
