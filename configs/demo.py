@@ -30,7 +30,7 @@ BASE_STEPS = 6000
 # subject fidelity at 600 / 1200 / 1800 / 2400 steps was v2 0.179 / 0.232 / 0.320 /
 # 0.434 (REPORT.md); v1 0.159 / 0.265 / 0.404 / 0.393, flat after 1800. v1 stops
 # there, which leaves the 2 cores to v2, the critical path.
-SUTI_STEPS = {"v2": 2400, "v1": 1800}
+SUTI_STEPS = {"v2": 3000, "v1": 1800}
 # `:full`: more web subjects is the lever that still pays (224 clusters lifted SuTI
 # v1 from 0.45 to 0.56 subject fidelity at 2000 steps), and more groups let SuTI
 # train longer before it overfits (v2 flattened after 1500 steps on 469 groups;
