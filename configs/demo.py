@@ -30,7 +30,7 @@ BASE_STEPS = 6000
 # subject fidelity at 600 / 1200 / 1800 / 2400 steps was v2 0.179 / 0.232 / 0.320 /
 # 0.434 (REPORT.md); v1 0.159 / 0.265 / 0.404 / 0.393, flat after 1800. v1 stops
 # there, which leaves the 2 cores to v2, the critical path.
-SUTI_STEPS = {"v2": 3000, "v1": 1800}
+SUTI_STEPS = {"v2": 2400, "v1": 1800}
 # `:full`: more web subjects is the lever that still pays (224 clusters lifted SuTI
 # v1 from 0.45 to 0.56 subject fidelity at 2000 steps), and more groups let SuTI
 # train longer before it overfits (v2 flattened after 1500 steps on 469 groups;
@@ -164,13 +164,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fidelity from 0.377 to 0.468 (same-subject rate 0.558 to 0.608) at 2400 steps,
   # sampled with text guidance 1.35. The targets render with the evaluation's 8
   # DDIM steps instead of the base's 16, so the v2 pipeline took 493 s, not 461 s.
-  # The v2 pipeline runs as `v2_parts` stages over disjoint halves of the clusters
-  # (`--num_parts`/`--part`), so its experts, the head of the critical path, take
-  # both worker slots until SuTI v1's data is ready.
+  # `v2_parts` > 1 runs the v2 pipeline as that many stages over disjoint sets of
+  # clusters (`--num_parts`/`--part`), so its experts, the head of the critical
+  # path, can take both worker slots. Measured with 2 (AMD VM, fresh clone): SuTI v2
+  # started training at 348 s of the run instead of 659 s and `make demo` took 20 min
+  # 1 s, but the parts cut other render batches (other class-prior images, other
+  # experts), and SuTI v2 on those targets scored 0.332 / 0.492 / 0.119 (subject /
+  # same-subject / text fidelity) instead of 0.434 / 0.617 / 0.119; 3000 steps
+  # instead of 2400 gave 0.331 / 0.483 / 0.094. The default keeps one stage; the
+  # small run splits it so that the end-to-end test covers the parts.
   c.pipeline = ml_collections.ConfigDict(dict(
       prompts_per_cluster=8 if small else 16, num_shards=2,
       min_subject_score=-1.0 if small else 0.34, min_text_score=0.0,
-      render_batch_size=4 if small else 12, render_steps=4 if small else 8, v2_parts=2))
+      render_batch_size=4 if small else 12, render_steps=4 if small else 8,
+      v2_parts=2 if small else 1))
   # DDIM steps of every method's held-out renders. The judges' scores are flat from
   # 4 to 16 steps at this size (held-out subjects photographed in varied scenes:
   # SuTI v2 subject fidelity 0.415 / 0.418 / 0.417, text-only 0.128 / 0.142 / 0.145,
