@@ -12,7 +12,9 @@ change (input/output may be gs:// paths; workers need this package installed, e.
 `suti_jax.data.records.ICLGroup`, `dead_letter.jsonl` (invalid inputs, with reason
 and id/url) and `summary.json` (counts per stage and per drop reason).
 `--num_parts=N --part=i` renders only the clusters whose key hashes to part i (its
-files are `icl-part<i>-SSSSS-of-NNNNN`), so N runs split one run's work between them.
+files are `icl-part<i>-SSSSS-of-NNNNN`), so N runs split one run's work between them
+(the expert renderer with `--render_batch_size` > 1 then cuts other batches: other
+class-prior images, other targets).
 Stages:
 read -> cluster by URL -> cluster filter -> recaption -> consolidate -> prompts ->
 expert render -> fidelity filter -> write; each is a PTransform in its own module.
@@ -76,7 +78,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                  help="Split the clusters into this many disjoint parts by a hash of their key.")
   p.add_argument("--part", type=int, default=0,
                  help="The part this run renders (0 <= part < num_parts): the parts' runs "
-                      "together write the groups of one run over all clusters.")
+                      "together cover every cluster of one run.")
   return p.parse_known_args(list(argv))
 
 
