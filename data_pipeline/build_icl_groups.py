@@ -100,13 +100,16 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
       args.min_subject_score, args.min_text_score, args.max_exemplars)
 
   inputs = p | "Read" >> read.ReadWebPairs(args.input, args.input_format)
-  clusters = inputs.records | "Cluster" >> cluster.ClusterByUrl(rules)
+  records = inputs.records
   if args.num_parts > 1:
-    # Right after clustering: a part filters, recaptions and renders only its own
-    # clusters, so the parts' cluster drops add up to those of one whole run.
-    clusters = clusters | "KeepPart" >> beam.Filter(
-        lambda c: in_part(c.key, args.part, args.num_parts))
-  clusters = (clusters
+    # Before clustering, by each record's cluster key: a part clusters, filters,
+    # recaptions and renders only its own clusters, so from clustering on the
+    # parts' counts add up to those of one whole run (reading, and so its drops,
+    # happens in every part).
+    records = records | "KeepPart" >> beam.Filter(
+        lambda r: in_part(cluster.cluster_key(r.url, rules), args.part, args.num_parts))
+  clusters = (records
+              | "Cluster" >> cluster.ClusterByUrl(rules)
               | "FilterClusters" >> cluster_filter.FilterClusters(
                   cluster_filter.ColourEmbedder(), filter_cfg)
               | "Recaption" >> recaption.Recaption()

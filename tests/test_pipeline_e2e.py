@@ -89,6 +89,7 @@ def test_oracle_and_same_cluster_runs(tmp_path):
 
 def test_parts_together_write_the_whole_runs_groups(tmp_path):
   pairs = sy.generate_web_pairs(12, seed=0, size_px=16)
+  pairs.append(pairs[0])  # A duplicate URL: dropped by clustering, in one part only.
   jsonl = read.write_jsonl_input(pairs, str(tmp_path / "web"))
   whole = _run(jsonl, tmp_path / "whole", "oracle")
   _, whole_groups = _groups(tmp_path / "whole")
@@ -107,6 +108,7 @@ def test_parts_together_write_the_whole_runs_groups(tmp_path):
                       for groups in parts for g in groups)
   assert serialized == sorted(g.target_prompt + "|" + "|".join(g.source_urls)
                               for g in whole_groups)
+  assert whole["drops"]["duplicate_url"] == 1
   assert drops == collections.Counter(whole["drops"])
 
 

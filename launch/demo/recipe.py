@@ -366,7 +366,9 @@ class Demo:
       return json.load(f)
 
   def _groups_written(self, version: str) -> dict[str, Any]:
-    """Groups written and drops of the `version` pipeline, summed over its parts."""
+    """Groups written and drops of the `version` pipeline, summed over its parts
+    (every part reads the whole web, so invalid inputs would count once per part;
+    the recipe's synthetic web has none)."""
     written, drops = 0, collections.Counter()
     for name, _ in self.icl_parts(version):
       outputs = self._marker(name)["outputs"]
@@ -430,8 +432,8 @@ class Demo:
     suti_sampling = [steps, c["suti"]["sampling"]]
     v2_parts = self.icl_parts("v2")
     v1_pipeline = {k: v for k, v in c["pipeline"].items() if k != "v2_parts"}
-    folders = dict(self.FOLDERS, **{name: (folder,) for v in ("v2", "v1")
-                                    for name, folder in self.icl_parts(v)})
+    folders = dict(self.FOLDERS, **{name: (folder,)
+                                    for name, folder in v2_parts + self.icl_parts("v1")})
     specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
         ("web", self.write_web, world, ()),
         ("train_base", self.train_base, self.base_fingerprint(), ()),
