@@ -164,20 +164,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fidelity from 0.377 to 0.468 (same-subject rate 0.558 to 0.608) at 2400 steps,
   # sampled with text guidance 1.35. The targets render with the evaluation's 8
   # DDIM steps instead of the base's 16, so the v2 pipeline took 493 s, not 461 s.
-  # `v2_parts` > 1 runs the v2 pipeline as that many stages over disjoint sets of
-  # clusters (`--num_parts`/`--part`), so its experts, the head of the critical
-  # path, can take both worker slots. Measured with 2 (AMD VM, fresh clone): SuTI v2
-  # started training at 348 s of the run instead of 659 s and `make demo` took 20 min
-  # 1 s, but the parts cut other render batches (other class-prior images, other
-  # experts), and SuTI v2 on those targets scored 0.332 / 0.492 / 0.119 (subject /
-  # same-subject / text fidelity) instead of 0.434 / 0.617 / 0.119; 3000 steps
-  # instead of 2400 gave 0.331 / 0.483 / 0.094. The default keeps one stage; the
-  # small run splits it so that the end-to-end test covers the parts.
+  # `v2_parts` > 1 runs the v2 pipeline as that many stages that share out its
+  # render batches (`--num_parts`/`--part`), so its experts, the head of the critical
+  # path, take both worker slots; the `icl_v2` stage merges their outputs into the
+  # whole run's shards, byte for byte (`data_pipeline.merge_parts`), so SuTI v2
+  # trains on exactly the groups of one stage. (Parts that split the clusters
+  # before batching cut other render batches: other class-prior images and targets,
+  # and SuTI v2 fell from 0.434 to 0.332 held-out subject fidelity.)
   c.pipeline = ml_collections.ConfigDict(dict(
       prompts_per_cluster=8 if small else 16, num_shards=2,
       min_subject_score=-1.0 if small else 0.34, min_text_score=0.0,
       render_batch_size=4 if small else 12, render_steps=4 if small else 8,
-      v2_parts=2 if small else 1))
+      v2_parts=2))
   # DDIM steps of every method's held-out renders. The judges' scores are flat from
   # 4 to 16 steps at this size (held-out subjects photographed in varied scenes:
   # SuTI v2 subject fidelity 0.415 / 0.418 / 0.417, text-only 0.128 / 0.142 / 0.145,

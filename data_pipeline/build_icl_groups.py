@@ -11,10 +11,10 @@ change (input/output may be gs:// paths; workers need this package installed, e.
 `--setup_file=./setup.py`). Outputs in --output: `icl-SSSSS-of-NNNNN` TFRecords of
 `suti_jax.data.records.ICLGroup`, `dead_letter.jsonl` (invalid inputs, with reason
 and id/url) and `summary.json` (counts per stage and per drop reason).
-`--num_parts=N --part=i` renders only the clusters whose key hashes to part i (its
-files are `icl-part<i>-SSSSS-of-NNNNN`), so N runs split one run's work between them
-(the expert renderer with `--render_batch_size` > 1 then cuts other batches: other
-class-prior images, other targets).
+`--num_parts=N --part=i` renders only part i's share of the render batches (its
+files are `icl-part<i>-SSSSS-of-NNNNN`): N runs split one run's expert renders
+between them, render exactly its targets, and `data_pipeline.merge_parts` joins their
+outputs into that run's output, byte for byte.
 Stages:
 read -> cluster by URL -> cluster filter -> recaption -> consolidate -> prompts ->
 expert render -> fidelity filter -> write; each is a PTransform in its own module.
@@ -34,7 +34,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from data_pipeline import cluster
 from data_pipeline import cluster_filter
 from data_pipeline import consolidate
-from data_pipeline import counters
 from data_pipeline import expert_render
 from data_pipeline import prompt_writer
 from data_pipeline import read
@@ -75,22 +74,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument("--min_text_score", type=float, default=score_defaults.min_text_score)
   p.add_argument("--max_exemplars", type=int, default=score_defaults.max_exemplars)
   p.add_argument("--num_parts", type=int, default=1,
-                 help="Split the clusters into this many disjoint parts by a hash of their key.")
+                 help="Split the render batches into this many disjoint parts (every part "
+                      "reads, clusters and writes prompts for all clusters).")
   p.add_argument("--part", type=int, default=0,
                  help="The part this run renders (0 <= part < num_parts): the parts' runs "
-                      "together cover every cluster of one run.")
+                      "together render the targets of one run.")
   return p.parse_known_args(list(argv))
-
-
-def in_part(cluster_key: str, part: int, num_parts: int) -> bool:
-  """Whether a cluster belongs to `part` of `num_parts` (a stable hash of its key)."""
-  return counters.stable_seed("part", cluster_key) % num_parts == part
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
   """Adds every stage to `p`, reading and writing the paths in `args`."""
-  if not 0 <= args.part < args.num_parts:
-    raise ValueError(f"--part={args.part} must be in [0, --num_parts={args.num_parts})")
   rules = cluster.UrlRules(args.url_path_depth, args.keep_www)
   filter_cfg = cluster_filter.ClusterFilterConfig(
       args.min_images, args.max_images, args.min_similarity, args.outlier_similarity)
@@ -98,17 +91,13 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
       args.prompts_per_cluster, args.max_caption_similarity, seed=args.seed)
   score_cfg = score_filter.ScoreConfig(
       args.min_subject_score, args.min_text_score, args.max_exemplars)
+  # Built first: it checks the renderer and the part before anything is read.
+  render = expert_render.RenderTargets(
+      args.renderer, json.loads(args.renderer_options), args.seed, args.render_batch_size,
+      args.part, args.num_parts)
 
   inputs = p | "Read" >> read.ReadWebPairs(args.input, args.input_format)
-  records = inputs.records
-  if args.num_parts > 1:
-    # Before clustering, by each record's cluster key: a part clusters, filters,
-    # recaptions and renders only its own clusters, so from clustering on the
-    # parts' counts add up to those of one whole run (reading, and so its drops,
-    # happens in every part).
-    records = records | "KeepPart" >> beam.Filter(
-        lambda r: in_part(cluster.cluster_key(r.url, rules), args.part, args.num_parts))
-  clusters = (records
+  clusters = (inputs.records
               | "Cluster" >> cluster.ClusterByUrl(rules)
               | "FilterClusters" >> cluster_filter.FilterClusters(
                   cluster_filter.ColourEmbedder(), filter_cfg)
@@ -118,8 +107,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
     tasks = prompt_writer.same_cluster_tasks(clusters)
   else:
     tasks = clusters | "Prompts" >> prompt_writer.WritePrompts(cfg=prompt_cfg)
-  rendered = tasks | "RenderTargets" >> expert_render.RenderTargets(
-      args.renderer, json.loads(args.renderer_options), args.seed, args.render_batch_size)
+  rendered = tasks | "RenderTargets" >> render
   groups = rendered.candidates | "ScoreFilter" >> score_filter.ScoreAndFilter(
       score_filter.make_scorer("subject", args.subject_scorer),
       score_filter.make_scorer("text", args.text_scorer), score_cfg)
@@ -131,7 +119,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
   _ = ((inputs.dead_letter, rendered.dead_letter)
        | "DeadLetters" >> beam.Flatten()
        | "WriteDeadLetters" >> write.WriteSortedJsonl(
-           FileSystems.join(args.output, "dead_letter.jsonl")))
+           FileSystems.join(args.output, write.DEAD_LETTER_NAME)))
 
 
 def pipeline_args(**fields: Any) -> argparse.Namespace:
@@ -170,8 +158,7 @@ def run_pipeline(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dic
   result.wait_until_finish()
   values = write.counters(result)
   summary = write.summarize(values, values.get("write/groups", 0), vars(args))
-  with FileSystems.create(FileSystems.join(args.output, "summary.json")) as f:
-    f.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
+  write.write_summary(summary, args.output)
   return summary
 
 

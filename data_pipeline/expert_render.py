@@ -7,7 +7,7 @@ Renderers by name: 'expert' (DreamBooth, from suti_jax.experts), 'same_cluster'
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 
@@ -20,6 +20,9 @@ from suti_jax.experts import renderer as expert_renderer
 
 RENDERERS = ("expert", "same_cluster", "oracle")
 _STAGE = "expert_render"
+_RENDER_FAILED = "render_failed"
+# The drops this stage counts (`drop/<reason>`).
+DROP_REASONS = (_RENDER_FAILED,)
 # Clusters are batched within hash groups of about this many batches; only each
 # group's last batch can be short.
 _BATCHES_PER_GROUP = 8
@@ -112,7 +115,7 @@ class _RenderFn(beam.DoFn):
     for task, targets in zip(batch, self._renderer.render_batch(batch, seed)):
       for i, target in enumerate(targets):
         if target.image is None:
-          yield counters.dead_letter(_STAGE, "render_failed", f"{task.cluster.key}#{i}",
+          yield counters.dead_letter(_STAGE, _RENDER_FAILED, f"{task.cluster.key}#{i}",
                                      task.cluster.key, f"{target.prompt!r}: {target.error}")
           continue
         counters.count("expert_render/targets")
@@ -125,6 +128,16 @@ def batches_of(tasks: Sequence[RenderTask], batch_size: int) -> list[list[Render
   return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def _part_batches(group_tasks: tuple[int, Iterable[RenderTask]], batch_size: int, part: int,
+                  num_parts: int) -> Iterable[list[RenderTask]]:
+  """The batches of one hash group that belong to `part`: dealt out in turn, each
+  group starting one part further on, so the parts get equal shares of batches."""
+  group, tasks = group_tasks
+  for index, batch in enumerate(batches_of(list(tasks), batch_size)):
+    if (group + index) % num_parts == part:
+      yield batch
+
+
 class RenderTargets(beam.PTransform):
   """PCollection[RenderTask] -> `.candidates` (Candidate) and `.dead_letter`.
 
@@ -133,21 +146,28 @@ class RenderTargets(beam.PTransform):
   groups of about `_BATCHES_PER_GROUP` batches, chosen by a hash of the cluster
   key, so they do not depend on how the runner bundles elements: the same input
   gives the same batches, and the same targets, on every run.
+
+  With `num_parts` > 1 only part `part`'s share of those batches is rendered
+  (dealt out in turn within each group), so `num_parts` runs together render
+  exactly the targets of one run.
   """
 
   def __init__(self, renderer: str, options: dict[str, Any] | None = None, seed: int = 0,
-               batch_size: int = 1):
+               batch_size: int = 1, part: int = 0, num_parts: int = 1):
     super().__init__()
     if renderer not in RENDERERS:
       raise ValueError(f"unknown renderer {renderer!r}; known: {RENDERERS}")
     if batch_size < 1:
       raise ValueError(f"render batch_size must be >= 1, got {batch_size}")
+    if not 0 <= part < num_parts:
+      raise ValueError(f"--part={part} must be in [0, --num_parts={num_parts})")
     self._fn = _RenderFn(renderer, dict(options or {}), seed)
     self._batch_size = batch_size
+    self._part, self._num_parts = part, num_parts
 
   def expand(self, tasks):
-    size = self._batch_size
-    if size == 1:
+    size, part, num_parts = self._batch_size, self._part, self._num_parts
+    if size == 1 and num_parts == 1:
       batches = tasks | "One" >> beam.Map(lambda task: [task])
     else:
       count = tasks | "Count" >> beam.combiners.Count.Globally()
@@ -159,6 +179,6 @@ class RenderTargets(beam.PTransform):
       batches = (tasks
                  | "Group" >> beam.Map(group, n=beam.pvalue.AsSingleton(count))
                  | "ByGroup" >> beam.GroupByKey()
-                 | "Batch" >> beam.FlatMap(lambda kv: batches_of(list(kv[1]), size)))
+                 | "Batch" >> beam.FlatMap(_part_batches, size, part, num_parts))
     return (batches | "Render" >> beam.ParDo(self._fn)
             .with_outputs(counters.DEAD_LETTER, main="candidates"))

@@ -19,6 +19,11 @@ from suti_jax.data.pipeline_interfaces import Candidate, ImageEmbedder, SubjectS
 from suti_jax.experts import judges
 
 PIPELINE_VERSION = "data_pipeline/1"
+_NO_EXEMPLARS = "no_exemplars"
+_LOW_SUBJECT_FIDELITY = "low_subject_fidelity"
+_LOW_TEXT_FIDELITY = "low_text_fidelity"
+# The drops this stage counts (`drop/<reason>`).
+DROP_REASONS = (_NO_EXEMPLARS, _LOW_SUBJECT_FIDELITY, _LOW_TEXT_FIDELITY)
 
 
 class EmbeddingSubjectScorer(SubjectScorer):
@@ -112,17 +117,17 @@ class _ScoreFn(beam.DoFn):
     chosen = [i for i in range(len(cluster.members)) if i != target.excluded_member]
     chosen = chosen[:self._cfg.max_exemplars]
     if not chosen:
-      counters.count("drop/no_exemplars")
+      counters.count(f"drop/{_NO_EXEMPLARS}")
       return
     exemplars = [cluster.members[i] for i in chosen]
     pixels = decode_members(dataclasses.replace(cluster, members=tuple(exemplars)))
     subject = self._subject.score(target.image, pixels)
     text = self._text.score(target.image, target.prompt)
     if subject < self._cfg.min_subject_score:
-      counters.count("drop/low_subject_fidelity")
+      counters.count(f"drop/{_LOW_SUBJECT_FIDELITY}")
       return
     if text < self._cfg.min_text_score:
-      counters.count("drop/low_text_fidelity")
+      counters.count(f"drop/{_LOW_TEXT_FIDELITY}")
       return
     counters.count("score_filter/groups")
     urls = [m.url for m in exemplars]

@@ -18,6 +18,9 @@ import tensorflow as tf
 from data_pipeline import counters as counters_lib  # `counters` is the function below.
 from suti_jax.data import records
 
+SUMMARY_NAME = "summary.json"
+DEAD_LETTER_NAME = "dead_letter.jsonl"
+
 
 def shard_paths(path_prefix: str, num_shards: int) -> list[str]:
   """The shard files, named like `records.write_tfrecords` names them."""
@@ -36,8 +39,13 @@ def _write_shard(element, paths: list[str]) -> int:
   return len(serialized)
 
 
-class WriteIclGroups(beam.PTransform):
-  """PCollection[ICLGroup] -> `{prefix}-SSSSS-of-NNNNN` TFRecords; outputs record counts."""
+class WriteSerializedGroups(beam.PTransform):
+  """PCollection[(group id, serialised ICLGroup)] -> `{prefix}-SSSSS-of-NNNNN` TFRecords.
+
+  A group's shard is a hash of its id and each shard is sorted by id, so the
+  same groups give the same files whichever runs or parts they come from.
+  Outputs the record count of each shard.
+  """
 
   def __init__(self, path_prefix: str, num_shards: int):
     super().__init__()
@@ -45,19 +53,32 @@ class WriteIclGroups(beam.PTransform):
       raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     self._paths = shard_paths(path_prefix, num_shards)
 
-  def expand(self, groups):
+  def expand(self, keyed_records):
     n = len(self._paths)
-    keyed = groups | "Serialize" >> beam.Map(lambda g: (
-        zlib.crc32(g.group_id.encode("utf-8")) % n,
-        (g.group_id, records.serialize_icl_group(g))))
+    keyed = keyed_records | "ByShard" >> beam.Map(
+        lambda kv: (zlib.crc32(kv[0].encode("utf-8")) % n, kv))
     # Every shard gets a key, so empty shards are still written.
-    shards = groups.pipeline | "Shards" >> beam.Create([(i, None) for i in range(n)])
+    shards = keyed_records.pipeline | "Shards" >> beam.Create([(i, None) for i in range(n)])
     return ({"records": keyed, "shards": shards}
             | "Join" >> beam.CoGroupByKey()
             | "Write" >> beam.Map(_write_shard, self._paths))
 
 
-def _write_lines(rows: list[dict[str, Any]], path: str) -> int:
+class WriteIclGroups(beam.PTransform):
+  """PCollection[ICLGroup] -> `{prefix}-SSSSS-of-NNNNN` TFRecords; outputs record counts."""
+
+  def __init__(self, path_prefix: str, num_shards: int):
+    super().__init__()
+    self._write = WriteSerializedGroups(path_prefix, num_shards)
+
+  def expand(self, groups):
+    return (groups
+            | "Serialize" >> beam.Map(lambda g: (g.group_id, records.serialize_icl_group(g)))
+            | "Shard" >> self._write)
+
+
+def write_sorted_jsonl(rows: list[dict[str, Any]], path: str) -> int:
+  """Writes `rows` to `path` as JSON lines (keys sorted), in sorted order; returns the count."""
   lines = sorted(json.dumps(r, sort_keys=True) for r in rows)
   with FileSystems.create(path) as f:
     f.write("".join(line + "\n" for line in lines).encode("utf-8"))
@@ -73,7 +94,7 @@ class WriteSortedJsonl(beam.PTransform):
 
   def expand(self, rows):
     return (rows | "Gather" >> beam.combiners.ToList()
-            | "Write" >> beam.Map(_write_lines, self._path))
+            | "Write" >> beam.Map(write_sorted_jsonl, self._path))
 
 
 def counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
@@ -109,3 +130,11 @@ def summarize(values: dict[str, int], groups_written: int, options: dict[str, An
       stages.setdefault(stage, {})[what] = value
   return {"stages": stages, "drops": drops, "groups_written": groups_written,
           "options": options}
+
+
+def write_summary(summary: dict[str, Any], output: str) -> str:
+  """Writes `summary` as `output`/summary.json (indented, keys sorted); returns its path."""
+  path = FileSystems.join(output, SUMMARY_NAME)
+  with FileSystems.create(path) as f:
+    f.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
+  return path

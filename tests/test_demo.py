@@ -326,7 +326,7 @@ def test_suti_guidance_fingerprints_the_stages_that_sample_not_the_training(tmp_
   assert fingerprints(config)["train_suti_v2"] != after["train_suti_v2"]
 
 
-def test_v2_pipeline_parts_are_stages_that_v2_training_waits_for(tmp_path):
+def test_v2_pipeline_parts_are_stages_that_the_merge_waits_for(tmp_path):
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
   from launch.demo import recipe  # pylint: disable=import-outside-toplevel
 
@@ -335,11 +335,12 @@ def test_v2_pipeline_parts_are_stages_that_v2_training_waits_for(tmp_path):
   demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
   stages = {s.name: s for s in demo.stages()}
   parts = [f"icl_v2_part{i}" for i in range(3)]
-  assert "icl_v2" not in stages and "icl_v1" in stages
-  assert [stages[p].folders for p in parts] == [(f"icl_v2/part{i}",) for i in range(3)]
-  assert set(parts) <= set(stages["train_suti_v2"].deps)
-  assert demo.icl_pattern("v2") == str(tmp_path / "wd" / "icl_v2" / "part*" / "icl-*")
-  # The parts render different clusters, so each has its own fingerprint; the v1
+  assert [stages[p].folders for p in parts] == [(f"icl_v2_parts/part{i}",) for i in range(3)]
+  # The merge owns a folder of its own: emptying it never deletes the parts'.
+  assert stages["icl_v2"].deps == tuple(parts) and stages["icl_v2"].folders == ("icl_v2",)
+  assert "icl_v2" in stages["train_suti_v2"].deps and "icl_v1" in stages
+  assert demo.icl_pattern("v2") == str(tmp_path / "wd" / "icl_v2" / "icl-*")
+  # The parts render different batches, so each has its own fingerprint; the v1
   # pipeline does not depend on how v2 is split.
   assert len({fingerprint_of(stages[p].fingerprint) for p in parts}) == 3
   config.pipeline.v2_parts = 1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipeline import build_icl_groups, read
+from data_pipeline import build_icl_groups, merge_parts, read
 from suti_jax.data import images, records
 from suti_jax.data import synthetic as sy
 
@@ -87,29 +87,49 @@ def test_oracle_and_same_cluster_runs(tmp_path):
     assert g.target_image == records.encode_png(next(p.image for p in pairs if p.url == target_url))
 
 
-def test_parts_together_write_the_whole_runs_groups(tmp_path):
+def test_parts_merge_into_the_whole_runs_output(tmp_path):
   pairs = sy.generate_web_pairs(12, seed=0, size_px=16)
-  pairs.append(pairs[0])  # A duplicate URL: dropped by clustering, in one part only.
+  pairs.append(pairs[0])  # A duplicate URL: every part drops it, the merge counts it once.
   jsonl = read.write_jsonl_input(pairs, str(tmp_path / "web"))
-  whole = _run(jsonl, tmp_path / "whole", "oracle")
-  _, whole_groups = _groups(tmp_path / "whole")
-  parts, drops = [], collections.Counter()
-  for part in range(2):
-    summary = build_icl_groups.run([f"--input={jsonl}", f"--output={tmp_path / str(part)}",
-                                    "--renderer=oracle", "--num_shards=3", "--num_parts=2",
-                                    f"--part={part}", "--runner=DirectRunner"])
-    drops.update(summary["drops"])
-    paths, groups = _groups(tmp_path / str(part))
+  with open(jsonl, "a") as f:
+    f.write("{not json\n")  # A dead letter every part writes, the merge keeps once.
+  flags = [f"--input={jsonl}", "--renderer=oracle", "--num_shards=3", "--render_batch_size=2",
+           "--runner=DirectRunner"]
+  whole = build_icl_groups.run(flags + [f"--output={tmp_path / 'whole'}"])
+  whole_paths, _ = _groups(tmp_path / "whole")
+  part_dirs = [str(tmp_path / f"part{part}") for part in range(2)]
+  for part, folder in enumerate(part_dirs):
+    build_icl_groups.run(flags + [f"--output={folder}", "--num_parts=2", f"--part={part}"])
+    paths, groups = _groups(folder)
     assert all(os.path.basename(p).startswith(f"icl-part{part}-") for p in paths)
-    parts.append(groups)
-  keys = [{g.source_urls[0].rsplit("/", 1)[0] for g in groups} for groups in parts]
-  assert keys[0] and keys[1] and not keys[0] & keys[1]  # Both non-empty, disjoint.
-  serialized = sorted(g.target_prompt + "|" + "|".join(g.source_urls)
-                      for groups in parts for g in groups)
-  assert serialized == sorted(g.target_prompt + "|" + "|".join(g.source_urls)
-                              for g in whole_groups)
-  assert whole["drops"]["duplicate_url"] == 1
-  assert drops == collections.Counter(whole["drops"])
+    assert groups  # Each part renders a share.
+  assert whole["drops"]["duplicate_url"] == whole["drops"]["invalid_json"] == 1
+
+  merged = merge_parts.merge_parts(part_dirs[::-1], str(tmp_path / "merged"))
+  merged_paths, _ = _groups(tmp_path / "merged")
+  assert [os.path.basename(p) for p in merged_paths] == [os.path.basename(p)
+                                                         for p in whole_paths]
+  for a, b in zip(whole_paths, merged_paths):
+    assert open(a, "rb").read() == open(b, "rb").read()
+  for key in ("stages", "drops", "groups_written"):
+    assert merged[key] == whole[key], key
+  assert json.load(open(tmp_path / "merged" / "summary.json")) == merged
+  assert (open(tmp_path / "merged" / "dead_letter.jsonl").read()
+          == open(tmp_path / "whole" / "dead_letter.jsonl").read())
+
+  with pytest.raises(ValueError, match=r"expected the summaries of parts 0..1, got parts \[1\]"):
+    merge_parts.merge_parts(part_dirs[1:], str(tmp_path / "m1"))
+  with pytest.raises(ValueError, match="one of the parts' folders"):
+    merge_parts.merge_parts(part_dirs, part_dirs[0])
+  with pytest.raises(FileNotFoundError, match="summary.json is missing"):
+    merge_parts.merge_parts(part_dirs + [str(tmp_path / "none")], str(tmp_path / "m2"))
+  summaries = [json.load(open(os.path.join(d, "summary.json"))) for d in part_dirs]
+  summaries[1]["stages"]["cluster"]["clusters"] += 1
+  with pytest.raises(ValueError, match=r"part 1's counts before rendering differ.*cluster/clusters"):
+    merge_parts.combine_summaries(summaries, "out")
+  summaries[1]["options"]["seed"] = 7
+  with pytest.raises(ValueError, match=r"part 1 ran with other options than part 0: \['seed'\]"):
+    merge_parts.combine_summaries(summaries, "out")
 
 
 def test_part_outside_num_parts_is_refused(tmp_path):

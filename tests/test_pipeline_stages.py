@@ -223,6 +223,45 @@ def test_renderers():
   assert _run(build)["drop/render_failed"] == 1
 
 
+class _SeedRenderer(pipeline_interfaces.TargetRenderer):
+  """Writes each target's render seed into its prompt, so a test sees the batches."""
+
+  name = "seed"
+
+  def render_targets(self, cluster, prompts, seed):
+    return [pipeline_interfaces.Target(p.skill, str(seed), np.zeros((2, 2, 3), np.uint8))
+            for p in prompts]
+
+
+def test_render_parts_share_out_the_whole_runs_batches_and_seeds(monkeypatch, tmp_path):
+  monkeypatch.setattr(expert_render, "make_target_renderer", lambda name, **_: _SeedRenderer())
+  tasks = [RenderTask(_cluster([1, 1], key=f"shop.example.com/p/{i:02d}"),
+                      (PromptSpec("novel_view", "a toy"),)) for i in range(40)]
+  out_path = str(tmp_path / "seeds.jsonl")
+
+  def seeds(batch_size, part=0, num_parts=1):
+    """(cluster key, render seed) of each target the part renders."""
+
+    def build(p):
+      out = p | beam.Create(tasks) | expert_render.RenderTargets(
+          "oracle", seed=3, batch_size=batch_size, part=part, num_parts=num_parts)
+      _ = (out.candidates | beam.Map(lambda k: {"key": k.cluster.key, "seed": k.target.prompt})
+           | write.WriteSortedJsonl(out_path))
+
+    _run(build)
+    return [(row["key"], row["seed"]) for row in map(json.loads, open(out_path))]
+
+  for batch_size in (1, 4):
+    whole = seeds(batch_size)
+    assert len(whole) == len(tasks)
+    parts = [seeds(batch_size, part, 3) for part in range(3)]
+    assert sorted(sum(parts, [])) == sorted(whole)  # Disjoint, and the same seeds.
+    # Balanced: each part renders about a third of the clusters.
+    assert all(8 <= len(part) <= 16 for part in parts), [len(part) for part in parts]
+  with pytest.raises(ValueError, match="--part=3 must be in"):
+    expert_render.RenderTargets("oracle", part=3, num_parts=3)
+
+
 class _PromptJudge:
   """A text judge stub: 1.0 only for prompts mentioning a beach."""
 

@@ -5,7 +5,6 @@ held-out evaluation -> reports/demo/REPORT.md); `run` is the entry point.
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import functools
@@ -20,6 +19,7 @@ import tqdm
 
 from data_pipeline import build_icl_groups
 from data_pipeline import embed_text
+from data_pipeline import merge_parts
 from data_pipeline import read as pipeline_read
 from suti_jax import compile_cache
 from suti_jax import config as config_lib
@@ -62,10 +62,10 @@ class Demo:
 
   # The workdir folders each stage writes: emptied when the stage runs under a
   # new recipe, so a trainer never resumes another recipe's checkpoints.
-  # (The ICL stages' folders come from `icl_parts`.)
+  # (The v2 pipeline's parts' folders come from `icl_parts`.)
   FOLDERS = {"web": ("web",), "train_base": ("base",), "train_sr": ("sr",),
-             "train_judges": ("judges",), "train_suti_v2": ("suti_v2",),
-             "train_suti_v1": ("suti_v1",)}
+             "train_judges": ("judges",), "icl_v2": ("icl_v2",), "icl_v1": ("icl_v1",),
+             "train_suti_v2": ("suti_v2",), "train_suti_v1": ("suti_v1",)}
 
   # Stages that run with no other stage beside them: timings comparable across methods.
   EXCLUSIVE = ("time_personalization",)
@@ -208,17 +208,17 @@ class Demo:
 
   def icl_parts(self, version: str) -> list[tuple[str, str]]:
     """(stage name, folder) of each part of the `version` pipeline: the v2 pipeline
-    runs as `pipeline.v2_parts` stages over disjoint clusters (so its experts can
-    fill both worker slots), v1 as one."""
+    runs as `pipeline.v2_parts` stages that share out its expert renders (so its
+    experts can fill both worker slots), then the `icl_v2` stage merges their
+    outputs; v1 runs whole."""
     parts = self.cfg.pipeline.v2_parts if version == "v2" else 1
     if parts == 1:
       return [(f"icl_{version}", f"icl_{version}")]
-    return [(f"icl_{version}_part{i}", f"icl_{version}/part{i}") for i in range(parts)]
+    return [(f"icl_{version}_part{i}", f"icl_{version}_parts/part{i}") for i in range(parts)]
 
   def icl_pattern(self, version: str) -> str:
-    """The glob of every ICL-group shard the `version` pipeline's parts wrote."""
-    folder = f"icl_{version}" if len(self.icl_parts(version)) == 1 else f"icl_{version}/part*"
-    return self.path(folder, f"{build_icl_groups.OUTPUT_PREFIX}-*")
+    """The glob of the `version` pipeline's ICL-group shards (merged from its parts)."""
+    return self.path(f"icl_{version}", f"{build_icl_groups.OUTPUT_PREFIX}-*")
 
   def build_groups(self, version: str, renderer: str, part: int = 0) -> dict[str, Any]:
     p = self.cfg.pipeline
@@ -238,9 +238,21 @@ class Demo:
            "sampling_cfg": {"num_steps": p.render_steps}})
       args.render_batch_size = p.render_batch_size
     summary = build_icl_groups.run_pipeline(args, ["--runner=DirectRunner"])
-    if not summary["groups_written"]:
-      raise RuntimeError(f"the {renderer} pipeline wrote no ICL groups; see "
-                         f"{output}/summary.json for the drops")
+    return self._groups_outputs(summary, output, whole=len(parts) == 1)
+
+  def merge_groups(self, version: str) -> dict[str, Any]:
+    """Joins the outputs of the `version` pipeline's parts into the whole run's."""
+    output = self.path(f"icl_{version}")
+    summary = merge_parts.merge_parts(
+        [self.path(folder) for _, folder in self.icl_parts(version)], output,
+        ["--runner=DirectRunner"])
+    return self._groups_outputs(summary, output, whole=True)
+
+  @staticmethod
+  def _groups_outputs(summary: dict[str, Any], output: str, whole: bool) -> dict[str, Any]:
+    if whole and not summary["groups_written"]:
+      raise RuntimeError(f"the {summary['options']['renderer']} pipeline wrote no ICL groups; "
+                         f"see {output}/summary.json for the drops")
     return {"paths": {"summary": os.path.join(output, "summary.json")},
             "groups_written": summary["groups_written"], "drops": summary["drops"]}
 
@@ -365,17 +377,6 @@ class Demo:
     with open(StageRunner(self.workdir).marker_path(name)) as f:
       return json.load(f)
 
-  def _groups_written(self, version: str) -> dict[str, Any]:
-    """Groups written and drops of the `version` pipeline, summed over its parts
-    (every part reads the whole web, so invalid inputs would count once per part;
-    the recipe's synthetic web has none)."""
-    written, drops = 0, collections.Counter()
-    for name, _ in self.icl_parts(version):
-      outputs = self._marker(name)["outputs"]
-      written += outputs["groups_written"]
-      drops.update(outputs["drops"])
-    return {"groups_written": written, "drops": dict(drops)}
-
   def write_report(self) -> dict[str, Any]:
     with open(self.path("eval", "metrics.json")) as f:
       metrics = json.load(f)
@@ -385,7 +386,8 @@ class Demo:
         personalization_s=timing["seconds_per_subject"],
         personalization_timed_subjects=timing["timed_subjects"],
         judges=self._marker("train_judges")["outputs"]["report"],
-        data={f"ICL {v}": self._groups_written(v) for v in ("v2", "v1")},
+        data={f"ICL {v}": {k: self._marker(f"icl_{v}")["outputs"][k]
+                            for k in ("groups_written", "drops")} for v in ("v2", "v1")},
         stages={name: {k: v for k, v in self._marker(name).items()
                        if k in ("wall_s", "cpu_s", "compile_s", "start_time", "end_time")}
                 for name in self.stage_names() if name != "report"},
@@ -432,8 +434,7 @@ class Demo:
     suti_sampling = [steps, c["suti"]["sampling"]]
     v2_parts = self.icl_parts("v2")
     v1_pipeline = {k: v for k, v in c["pipeline"].items() if k != "v2_parts"}
-    folders = dict(self.FOLDERS, **{name: (folder,)
-                                    for name, folder in v2_parts + self.icl_parts("v1")})
+    folders = {**self.FOLDERS, **{name: (folder,) for name, folder in v2_parts}}
     specs: list[tuple[str, Callable[[], dict[str, Any]], Any, tuple[str, ...]]] = [
         ("web", self.write_web, world, ()),
         ("train_base", self.train_base, self.base_fingerprint(), ()),
@@ -441,10 +442,12 @@ class Demo:
         *[(name, functools.partial(self.build_groups, "v2", "expert", part),
            [c["pipeline"], experts, part], ("web", "train_base", "train_judges"))
           for part, (name, _) in enumerate(v2_parts)],
+        *([("icl_v2", lambda: self.merge_groups("v2"), None,
+            tuple(name for name, _ in v2_parts))] if len(v2_parts) > 1 else []),
         ("icl_v1", lambda: self.build_groups("v1", "same_cluster"), v1_pipeline,
          ("web", "train_judges")),
         ("train_suti_v2", lambda: self.train_suti("v2"), [suti_training, c["suti_steps"]["v2"]],
-         ("train_base", *(name for name, _ in v2_parts))),
+         ("train_base", "icl_v2")),
         ("train_suti_v1", lambda: self.train_suti("v1"), [suti_training, c["suti_steps"]["v1"]],
          ("train_base", "icl_v1")),
         ("generate_suti_v2", lambda: self.generate("suti_v2"), suti_sampling, ("train_suti_v2",)),
