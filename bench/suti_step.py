@@ -26,7 +26,8 @@ from suti_jax.train import state as state_lib
 FIRST_TEXT_ID = 3
 
 
-def matched_config(spec: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def matched_config(spec: Mapping[str, Any],
+                   attention_layout: str = "every_block") -> ml_collections.ConfigDict:
   """`imagen_base64:tiny` resized to a benchmark's UNet, text and batch.
 
   The T5 encoder (part of the real step) is one narrow layer whose output
@@ -36,6 +37,7 @@ def matched_config(spec: Mapping[str, Any]) -> ml_collections.ConfigDict:
   Args:
     spec: image_size, base_channels, channel_mults, num_res_blocks,
       attention_resolutions, num_heads, text_embed_dim, text_len, batch_size.
+    attention_layout: `UNetConfig.attention_layout`.
 
   Returns:
     A config for `experiment.sections`; Adam, no warmup, clip 1, EMA.
@@ -46,6 +48,7 @@ def matched_config(spec: Mapping[str, Any]) -> ml_collections.ConfigDict:
   for key in ("channel_mults", "num_res_blocks", "attention_resolutions"):
     c.model[key] = tuple(int(v) for v in spec[key])
   c.model.text_embed_dim = c.text.d_model = int(spec["text_embed_dim"])
+  c.model.attention_layout = attention_layout
   c.text.num_layers = 1
   c.text.max_length = int(spec["text_len"])
   c.train.batch_size = int(spec["batch_size"])

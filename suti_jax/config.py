@@ -68,6 +68,10 @@ class UNetConfig:
       default (empty) the same as `attention_resolutions`.
     text_attention: 'concat' (text tokens join the self-attention keys/values,
       Imagen base) or 'cross' (a separate cross-attention layer).
+    attention_layout: where a level with attention attends: 'every_block'
+      (after each of its ResBlocks, as ADM and diffusers) or 'level_end' (once,
+      after its last ResBlock, as Imagen's Efficient U-Net blocks and
+      imagen-pytorch). Self, text and exemplar attention follow it alike.
     num_heads: attention heads.
     efficient: Efficient UNet layout (skip connections scaled by 1/sqrt(2),
       downsample before / upsample after the convolutions).
@@ -88,6 +92,7 @@ class UNetConfig:
   attention_resolutions: tuple[int, ...] = (32, 16, 8)
   cross_attention_resolutions: tuple[int, ...] = ()
   text_attention: str = "concat"
+  attention_layout: str = "every_block"
   num_heads: int = 8
   efficient: bool = False
   text_embed_dim: int = 4096

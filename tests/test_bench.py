@@ -125,20 +125,26 @@ def test_smoke_report_is_well_formed(smoke, name):
 def test_smoke_train_step_vs_peers(smoke):
   res = smoke[0]["train_step_vs_peers"]["results"]
   systems = res["systems"]
-  assert systems[0]["library"] == "suti_jax"
+  suti = {s["attention_layout"]: s for s in systems[:2]}
+  assert [s["library"] for s in systems[:2]] == ["suti_jax (every_block)", "suti_jax (level_end)"]
   peer_venv = os.path.join(REPO, ".venv-bench", "bin", "python")
   assert res["peers_ran"] == os.access(peer_venv, os.X_OK)
-  assert len(systems) == (3 if res["peers_ran"] else 1)
+  assert len(systems) == (4 if res["peers_ran"] else 2)
+  # Attending once per level is fewer attention layers: fewer parameters, less work.
+  assert suti["level_end"]["params"] < suti["every_block"]["params"]
+  assert suti["level_end"]["conv_dot_flops"] < suti["every_block"]["conv_dot_flops"]
   rows = {row[0]: row for row in smoke[0]["train_step_vs_peers"]["tables"][0]["rows"]}
   for s in systems:
     assert _positive(s["params"]) and _positive(s["examples_per_s"])
-    # The reported ratio is the measured throughputs' quotient, in the JSON and the table.
-    ratio = systems[0]["examples_per_s"] / s["examples_per_s"]
+    assert _positive(s["conv_dot_flops"])  # Work per example is counted for every system.
+  for s in systems[2:]:
+    # Each peer's ratio is the measured throughputs' quotient against suti_jax in
+    # the peer's layout, in the JSON and the table; per FLOP, GFLOP/s's quotient.
+    matched = suti[res["peer_layouts"][s["library"]]]
+    ratio = matched["examples_per_s"] / s["examples_per_s"]
     assert res["suti_over_peer"][s["library"]] == pytest.approx(ratio)
     assert rows[s["library"]][-2] == pytest.approx(ratio)
-    # Work per example is counted for every system; the per-FLOP ratio is GFLOP/s's quotient.
-    assert _positive(s["conv_dot_flops"])
-    per_flop = systems[0]["gflop_per_s"] / s["gflop_per_s"]
+    per_flop = matched["gflop_per_s"] / s["gflop_per_s"]
     assert res["suti_over_peer_per_flop"][s["library"]] == pytest.approx(per_flop)
     assert rows[s["library"]][-1] == pytest.approx(per_flop)
 

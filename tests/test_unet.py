@@ -107,6 +107,35 @@ def test_sr1024_has_no_self_attention_and_text_only_at_lowest():
   assert not any("['up']['level_0_block_1']" in p for p in paths)
 
 
+@pytest.mark.parametrize("name", ["suti_base64", "imagen_sr256"])
+def test_level_end_layout_attends_once_per_level(name):
+  every = dataclasses.replace(_config(name), num_res_blocks=(2,) * len(_config(name).num_res_blocks))
+  level_end = dataclasses.replace(every, attention_layout="level_end")
+
+  def attending_blocks(cfg):
+    inputs = unet.dummy_inputs(cfg, 1, TEXT_LEN)
+    params = jax.eval_shape(lambda k: unet.UNet(cfg).init(k, **inputs),
+                            jax.random.PRNGKey(0))["params"]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return {p.split("['res']")[0].split("['attn']")[0].split("['text_attn']")[0]
+            .split("['exemplar_attn']")[0]
+            for p in paths if any(f"['{a}']" in p for a in ("attn", "text_attn", "exemplar_attn"))}
+
+  every_blocks, end_blocks = attending_blocks(every), attending_blocks(level_end)
+  # Up levels of the ADM layout hold one block more (its extra skip connection).
+  up_last = 1 if every.efficient else 2
+  assert end_blocks and end_blocks < every_blocks
+  for block in end_blocks:
+    if block.startswith("['down']"):
+      assert block.endswith("_block_1']"), block
+    elif block.startswith("['up']"):
+      assert block.endswith(f"_block_{up_last}']"), block
+    else:
+      assert block == "['mid']['block']", block
+  with pytest.raises(ValueError, match="attention_layout must be one of"):
+    unet.validate_config(dataclasses.replace(every, attention_layout="sometimes"))
+
+
 def _apply_fn(cfg):
   return jax.jit(lambda params, kwargs: unet.UNet(cfg).apply(params, **kwargs),
                  compiler_options=FAST_COMPILE)

@@ -20,6 +20,8 @@ from suti_jax.models.exemplar import ExemplarFeatures, ExemplarInputs
 Array = jax.Array
 # Efficient UNet (Saharia et al. 2022, App. B.1) scales skip connections by 1/sqrt(2).
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
+# UNetConfig.attention_layout values.
+ATTENTION_LAYOUTS = ("every_block", "level_end")
 
 
 def _dtypes(cfg: UNetConfig) -> dict[str, Any]:
@@ -45,6 +47,9 @@ def validate_config(cfg: UNetConfig) -> None:
   """Raises ValueError on an inconsistent UNetConfig, naming the field."""
   if cfg.text_attention not in ("concat", "cross"):
     raise ValueError(f"text_attention must be 'concat' or 'cross', got {cfg.text_attention!r}")
+  if cfg.attention_layout not in ATTENTION_LAYOUTS:
+    raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got "
+                     f"{cfg.attention_layout!r}")
   if len(cfg.num_res_blocks) != len(cfg.channel_mults):
     raise ValueError(f"num_res_blocks {cfg.num_res_blocks} needs one entry per level "
                      f"of channel_mults {cfg.channel_mults}")
@@ -80,12 +85,18 @@ class Conditioning(nn.Module):
     return emb + pooled, text
 
 
+def attends(cfg: UNetConfig, block: int, num_blocks: int) -> bool:
+  """Whether block `block` of a level's `num_blocks` carries the level's attention."""
+  return cfg.attention_layout == "every_block" or block == num_blocks - 1
+
+
 class ResAttnBlock(nn.Module):
-  """ResBlock, then the self/text attention and exemplar attention of its level."""
+  """ResBlock, then (when `attend`) the self/text and exemplar attention of its level."""
 
   config: UNetConfig
   channels: int
   resolution: int
+  attend: bool = True
 
   @nn.compact
   def __call__(self, h: Array, emb: Array, text: Array, text_mask: Array,
@@ -93,6 +104,8 @@ class ResAttnBlock(nn.Module):
     """[B, H, W, C_in] -> [B, H, W, channels]."""
     cfg, kw = self.config, _dtypes(self.config)
     h = layers.ResBlock(self.channels, cfg.dropout, name="res", **kw)(h, emb, train)
+    if not self.attend:
+      return h
     attend = functools.partial(attention.AttentionBlock, cfg.num_heads, **kw)
     self_res = self.resolution in cfg.attention_resolutions
     text_res = self.resolution in text_resolutions(cfg)
@@ -142,8 +155,9 @@ class DownStack(nn.Module):
       if cfg.efficient and level > 0:  # Efficient UNet: downsample before the convs.
         h = layers.Downsample(name=f"downsample_{level}", **kw)(h)
       for i in range(num_blocks):
-        h = ResAttnBlock(cfg, cfg.base_channels * mult, res, name=f"level_{level}_block_{i}")(
-            h, emb, text, text_mask, exemplar_features, train)
+        h = ResAttnBlock(cfg, cfg.base_channels * mult, res, attends(cfg, i, num_blocks),
+                         name=f"level_{level}_block_{i}")(
+                             h, emb, text, text_mask, exemplar_features, train)
         if not cfg.efficient:
           skips.append(h)
       features[res] = h
@@ -189,12 +203,12 @@ class UpStack(nn.Module):
       if cfg.efficient:  # One scaled skip per level; upsample after the convs.
         h = jnp.concatenate([h, skips.pop() * SKIP_SCALE], axis=-1)
         for i in range(num_blocks):
-          h = block(name=f"level_{level}_block_{i}")(
+          h = block(attend=attends(cfg, i, num_blocks), name=f"level_{level}_block_{i}")(
               h, emb, text, text_mask, exemplar_features, train)
       else:
         for i in range(num_blocks + 1):
           h = jnp.concatenate([h, skips.pop()], axis=-1)
-          h = block(name=f"level_{level}_block_{i}")(
+          h = block(attend=attends(cfg, i, num_blocks + 1), name=f"level_{level}_block_{i}")(
               h, emb, text, text_mask, exemplar_features, train)
       if level > 0:
         h = layers.Upsample(name=f"upsample_{level}", **kw)(h)
