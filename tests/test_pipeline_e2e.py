@@ -105,7 +105,8 @@ def test_parts_merge_into_the_whole_runs_output(tmp_path):
     assert groups  # Each part renders a share.
   assert whole["drops"]["duplicate_url"] == whole["drops"]["invalid_json"] == 1
 
-  merged = merge_parts.merge_parts(part_dirs[::-1], str(tmp_path / "merged"))
+  merged = merge_parts.run([f"--input={d}" for d in part_dirs[::-1]]  # Any order.
+                           + [f"--output={tmp_path / 'merged'}", "--runner=DirectRunner"])
   merged_paths, _ = _groups(tmp_path / "merged")
   assert [os.path.basename(p) for p in merged_paths] == [os.path.basename(p)
                                                          for p in whole_paths]
