@@ -202,6 +202,25 @@ def test_position_embedding_is_a_fixed_grid_code():
   assert not np.any(exemplar.position_embedding_2d(4, 4, 10)[:, 8:])  # Pad channels.
 
 
+def test_tokens_of_batch_one_serve_every_row():
+  """One subject's tokens (batch 1, as the sampler passes them) give every row
+  the same update as the tokens repeated per row; masked rows still get 0."""
+  b, size, c, m = 4, 4, 16, 6
+  layer = exemplar.ExemplarAttention(2)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(keys[0], (b, size, size, c))
+  tokens = jax.random.normal(keys[1], (1, m, c))
+  mask = jnp.array([[True] * m, [True] * 4 + [False] * 2, [False] * m, [True] * m])
+  params = layer.init(keys[2], x, jnp.repeat(tokens, b, axis=0), mask)
+  # A non-zero output projection, so the update is not trivially 0.
+  params = jax.tree.map(lambda a: a + 0.1, params)
+  shared = layer.apply(params, x, tokens, mask)
+  repeated = layer.apply(params, x, jnp.repeat(tokens, b, axis=0), mask)
+  np.testing.assert_allclose(shared, repeated, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(shared[2], x[2])  # All slots masked: exactly x.
+  assert not np.allclose(shared[0], x[0])
+
+
 def _copy_task_loss(position_embedding: bool, steps: int) -> float:
   """Held-out loss of one ExemplarAttention trained to copy the exemplar's
   feature at each query's own location (queries and tokens are independent

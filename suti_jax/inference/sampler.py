@@ -114,9 +114,11 @@ def batched_predictor(spec: StageSpec, params: Any, text_emb: Array, text_mask: 
     if low_res is not None:
       kwargs.update(low_res=tile(low_res), aug_log_snr=tile(aug_log_snr))
     if features is not None:
+      # The subject's tokens stay batch 1: exemplar attention projects them once
+      # per step rather than once per row.
       spread = lambda a: jnp.broadcast_to(a, (rows,) + a.shape[1:])  # noqa: E731
       kwargs["exemplar_features"] = ExemplarFeatures(
-          tokens={r: spread(t) for r, t in features.tokens.items()},
+          tokens=dict(features.tokens),
           mask={r: spread(m) & keep_exemplars[:, None] for r, m in features.mask.items()})
     return model.apply({"params": params}, x_t, log_snr, **kwargs)
 

@@ -167,7 +167,7 @@ class _ExemplarCrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, context: Array, mask: Array) -> Array:
-    """[B, H, W, C] queries, [B, M, D] context, [B, M] mask -> [B, H, W, C]."""
+    """[B, H, W, C] queries, [B or 1, M, D] context, [B, M] mask -> [B, H, W, C]."""
     _, height, width, c = x.shape
     head_dim = c // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -175,9 +175,12 @@ class _ExemplarCrossAttention(nn.Module):
     queries = rearrange(layers.group_norm(c, name="norm", **kw)(x), "b h w c -> b (h w) c")
     if self.position_embedding:
       queries = queries + position_embedding_2d(height, width, c).astype(self.dtype)
+    # Tokens of batch 1 (one subject's, cached for sampling) are projected once
+    # and then serve every query row.
+    spread = lambda a: jnp.broadcast_to(a, (x.shape[0],) + a.shape[1:])  # noqa: E731
     out = attention.masked_attention(
-        proj("query")(queries), proj("context_key")(context),
-        proj("context_value")(context), mask.astype(bool))
+        proj("query")(queries), spread(proj("context_key")(context)),
+        spread(proj("context_value")(context)), mask.astype(bool))
     out = attention.OutputProjection(c, zero_init=True, name="out", **kw)(out)
     return rearrange(out, "b (h w) c -> b h w c", h=height, w=width)
 
@@ -204,8 +207,8 @@ class ExemplarAttention(nn.Module):
 
     Args:
       x: [B, H, W, C] generating features.
-      tokens: [B, M, C] exemplar tokens (image tokens of an H x W grid carry
-        positions when `position_embedding`).
+      tokens: [B, M, C] exemplar tokens, or [1, M, C] shared by every row
+        (image tokens of an H x W grid carry positions when `position_embedding`).
       mask: [B, M] bool token mask.
 
     Returns:
