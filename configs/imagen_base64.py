@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_size=64, low_res_size=0, in_channels=3, out_channels=3,
       base_channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 3),
       attention_resolutions=(32, 16, 8), cross_attention_resolutions=(),
-      text_attention="concat", attention_layout="every_block", num_heads=8, efficient=False,
+      text_attention="concat", num_heads=8, efficient=False,
       text_embed_dim=4096, dropout=0.0, dtype="bfloat16",
       param_dtype="float32", exemplar=None))
   c.text = common.text_encoder(tiny=False)

@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_size=256, low_res_size=64, in_channels=3, out_channels=3,
       base_channels=128, channel_mults=(1, 2, 4, 8), num_res_blocks=(2, 4, 8, 8),
       attention_resolutions=(32,), cross_attention_resolutions=(32,),
-      text_attention="cross", attention_layout="every_block", num_heads=8, efficient=True,
+      text_attention="cross", num_heads=8, efficient=True,
       text_embed_dim=4096, dropout=0.0, dtype="bfloat16",
       param_dtype="float32", exemplar=None))
   c.text = common.text_encoder(tiny=False)

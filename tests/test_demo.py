@@ -350,6 +350,21 @@ def test_v2_pipeline_parts_are_stages_that_the_merge_waits_for(tmp_path):
   assert fingerprint_of(one["icl_v1"].fingerprint) == fingerprint_of(stages["icl_v1"].fingerprint)
 
 
+def test_default_recipe_installs_the_shipped_base_and_judges(tmp_path):
+  """A config change that reaches the base or judge recipe (a new model key, say)
+  would make `make demo` retrain them (an hour on 2 cores): ship new ones with it."""
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
+  from suti_jax.demo import pretrained  # pylint: disable=import-outside-toplevel
+
+  config = demo_config.get_config()
+  demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
+  assert (pretrained.read_recipe(config.base_pretrained)["fingerprint"]
+          == fingerprint_of(demo.base_fingerprint()))
+  assert (pretrained.read_recipe(config.judges_pretrained)["fingerprint"]
+          == fingerprint_of(config.judges.to_dict()))
+
+
 def test_demo_full_recipe_scales_the_default_and_excludes_small():
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
 
