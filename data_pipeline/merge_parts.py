@@ -44,12 +44,14 @@ def _is_per_part(counter: str) -> bool:
   return stage in PER_PART_STAGES or (stage == "drop" and what in PER_PART_DROPS)
 
 
-def _flat_counters(summary: dict[str, Any]) -> dict[str, int]:
-  """A summary's counts back as counter names ('stage/what', 'drop/reason')."""
+def _split_counters(summary: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
+  """A summary's counts back as counter names ('stage/what', 'drop/reason'):
+  (those before the split into parts, those after it)."""
   flat = {f"{stage}/{what}": n for stage, counts in summary["stages"].items()
           for what, n in counts.items()}
   flat.update({f"drop/{reason}": n for reason, n in summary["drops"].items()})
-  return flat
+  shared = {k: v for k, v in flat.items() if not _is_per_part(k)}
+  return shared, {k: v for k, v in flat.items() if k not in shared}
 
 
 def _shared_options(summary: dict[str, Any]) -> dict[str, Any]:
@@ -84,19 +86,17 @@ def combine_summaries(summaries: Sequence[dict[str, Any]], output: str) -> dict[
     if differing:
       raise ValueError(f"part {s['options']['part']} ran with other options than part "
                        f"{summaries[0]['options']['part']}: {differing}")
-  flats = [_flat_counters(s) for s in summaries]
-  shared = {k: v for k, v in flats[0].items() if not _is_per_part(k)}
+  split = [_split_counters(s) for s in summaries]
+  shared = split[0][0]
   values = dict(shared)
-  for s, flat in zip(summaries, flats):
-    own_shared = {k: v for k, v in flat.items() if not _is_per_part(k)}
+  for s, (own_shared, per_part) in zip(summaries, split):
     if own_shared != shared:
       differing = sorted(k for k in set(shared) | set(own_shared)
                          if shared.get(k) != own_shared.get(k))
       raise ValueError(f"part {s['options']['part']}'s counts before rendering differ from "
                        f"the other parts' ({differing}): the parts read different inputs")
-    for k, v in flat.items():
-      if _is_per_part(k):
-        values[k] = values.get(k, 0) + v
+    for k, v in per_part.items():
+      values[k] = values.get(k, 0) + v
   groups = sum(s["groups_written"] for s in summaries)
   return write.summarize(values, groups, dict(options, output=output))
 
@@ -114,6 +114,7 @@ def _combine_dead_letters(part_dirs: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _keyed_records(path: str) -> Iterable[tuple[str, bytes]]:
+  # A full parse, not just the id: a damaged part record fails here, named.
   for source, raw in records.read_tfrecords([path]):
     yield records.parse_icl_group(raw, source=source).group_id, raw
 

@@ -21,6 +21,7 @@ from data_pipeline import build_icl_groups
 from data_pipeline import embed_text
 from data_pipeline import merge_parts
 from data_pipeline import read as pipeline_read
+from data_pipeline import write as pipeline_write
 from suti_jax import compile_cache
 from suti_jax import config as config_lib
 from suti_jax.demo import evaluate
@@ -250,10 +251,11 @@ class Demo:
 
   @staticmethod
   def _groups_outputs(summary: dict[str, Any], output: str, whole: bool) -> dict[str, Any]:
+    path = os.path.join(output, pipeline_write.SUMMARY_NAME)
     if whole and not summary["groups_written"]:
       raise RuntimeError(f"the {summary['options']['renderer']} pipeline wrote no ICL groups; "
-                         f"see {output}/summary.json for the drops")
-    return {"paths": {"summary": os.path.join(output, "summary.json")},
+                         f"see {path} for the drops")
+    return {"paths": {"summary": path},
             "groups_written": summary["groups_written"], "drops": summary["drops"]}
 
   def train_suti(self, version: str) -> dict[str, Any]:
