@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from suti_jax.config import UNetConfig, section
-from suti_jax.models import unet
+from suti_jax.models import layers, unet
 from suti_jax.parallel import axes
 
 # Cheap XLA CPU compiles: these tests check numbers, not speed.
@@ -204,3 +204,14 @@ def test_sr_text_mask_low_res_and_aug_level():
     assert float(jnp.abs(apply(params, {**base, key: value}) - out).mean()) > 1e-3, key
   with pytest.raises(ValueError, match="low_res"):
     unet.UNet(cfg).apply(params, **{**base, "low_res": None})
+
+
+def test_repeat_pixels_is_the_nearest_neighbour_resize_without_scatter():
+  """Upsample's pixel repeat equals jax.image.resize('nearest') at 2x, and its
+  gradient is a sum, not the resize's scatter-add."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 4))
+  np.testing.assert_array_equal(layers.repeat_pixels(x),
+                                jax.image.resize(x, (2, 6, 10, 4), "nearest"))
+  grad = jax.jit(jax.grad(lambda a: jnp.sum(layers.repeat_pixels(a) ** 2)))
+  assert "scatter" not in grad.lower(x).as_text()
+  np.testing.assert_allclose(grad(x), 8 * x, rtol=1e-6)  # Each pixel appears 4 times.

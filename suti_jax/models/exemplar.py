@@ -176,11 +176,10 @@ class _ExemplarCrossAttention(nn.Module):
     if self.position_embedding:
       queries = queries + position_embedding_2d(height, width, c).astype(self.dtype)
     # Tokens of batch 1 (one subject's, cached for sampling) are projected once
-    # and then serve every query row.
-    spread = lambda a: jnp.broadcast_to(a, (x.shape[0],) + a.shape[1:])  # noqa: E731
+    # and serve every query row (`masked_attention`'s shared keys and values).
     out = attention.masked_attention(
-        proj("query")(queries), spread(proj("context_key")(context)),
-        spread(proj("context_value")(context)), mask.astype(bool))
+        proj("query")(queries), proj("context_key")(context), proj("context_value")(context),
+        mask.astype(bool))
     out = attention.OutputProjection(c, zero_init=True, name="out", **kw)(out)
     return rearrange(out, "b (h w) c -> b h w c", h=height, w=width)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,13 @@ class Downsample(nn.Module):
     return constrain_image(y)
 
 
+def repeat_pixels(x: Array) -> Array:
+  """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2 x 2: the nearest-neighbour
+  2x resize as a broadcast, whose gradient is a sum (`jax.image.resize` gathers, and
+  its gradient is a scatter-add, slow on CPU)."""
+  return einops.repeat(x, "b h w c -> b (h 2) (w 2) c")
+
+
 class Upsample(nn.Module):
   """Doubles H and W: nearest-neighbour resize, then a 3x3 conv."""
 
@@ -169,7 +177,6 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[B, H, W, C] -> [B, 2H, 2W, C]."""
-    b, height, width, c = x.shape
-    y = jax.image.resize(x, (b, 2 * height, 2 * width, c), method="nearest")
-    y = conv(c, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(y)
+    y = conv(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(
+        repeat_pixels(x))
     return constrain_image(y)
