@@ -298,3 +298,11 @@ def test_sampler_config_errors():
               SamplingConfig(threshold="soft"), SamplingConfig(eta=-1.0)):
     with pytest.raises(ValueError):
       _sample(_oracle(X_STAR), cfg)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.9, 0.995, 1.0])
+@pytest.mark.parametrize("n", [1, 7, 768])
+def test_upper_quantile_is_jnp_quantile(q, n):
+  values = jnp.abs(jax.random.normal(jax.random.PRNGKey(n), (3, n))) * 2
+  np.testing.assert_allclose(thresholding.upper_quantile(values, q),
+                             jnp.quantile(values, q, axis=1), rtol=1e-6, atol=0)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 THRESHOLDS = ("dynamic", "static", "none")
 
@@ -34,9 +37,32 @@ def dynamic_threshold(x0: jax.Array, percentile: float) -> jax.Array:
     [B, H, W, C] in [-1, 1].
   """
   flat = jnp.abs(x0).reshape(x0.shape[0], -1)
-  s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+  s = jnp.maximum(upper_quantile(flat, percentile), 1.0)
   s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
   return jnp.clip(x0, -s, s) / s
+
+
+def upper_quantile(values: jax.Array, q: float) -> jax.Array:
+  """`jnp.quantile(values, q, axis=1)` (linear interpolation, to float32
+  rounding), from the largest values only.
+
+  `lax.top_k` takes the values above the quantile's position instead of
+  sorting each row: at Imagen's 0.995 that is 5 of a 16 px image's 768 values.
+
+  Args:
+    values: [B, N].
+    q: quantile in [0, 1] (static).
+
+  Returns:
+    [B].
+  """
+  n = values.shape[1]
+  position = np.float32(q) * np.float32(n - 1)
+  low, high = int(math.floor(position)), int(math.ceil(position))
+  high_weight = np.float32(position - np.float32(low))
+  top = jax.lax.top_k(values, n - low)[0]  # Descending: sorted index i is top[n - 1 - i].
+  return (top[:, n - 1 - low] * (np.float32(1) - high_weight)
+          + top[:, n - 1 - high] * high_weight)
 
 
 def apply_threshold(x0: jax.Array, mode: str, percentile: float) -> jax.Array:

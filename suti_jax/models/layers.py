@@ -61,13 +61,50 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return max(g for g in range(1, max_groups + 1) if channels % g == 0)
 
 
+class GroupNorm(nn.Module):
+  """Group normalisation over [B, ..., C], as `nn.GroupNorm` (same parameters,
+  epsilon and float32 statistics), with scale/bias axes (NORM,).
+
+  The statistics average each channel over the positions first and then the
+  channels of each group: reductions along contiguous channels, where flax's
+  over a [..., groups, channels per group] view ran slowly on XLA:CPU (groups of
+  2-3 channels at 64-96 channels).
+  """
+
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, ..., C] -> [B, ..., C] in `dtype`."""
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {channels} channels")
+    scale = self.param("scale", boxed(nn.initializers.ones, (axes.NORM,)), (channels,),
+                       self.param_dtype)
+    bias = self.param("bias", boxed(nn.initializers.zeros, (axes.NORM,)), (channels,),
+                      self.param_dtype)
+    x32 = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+    positions = tuple(range(1, x.ndim - 1))
+    moments = jnp.stack([jnp.mean(x32, positions), jnp.mean(jnp.square(x32), positions)])
+    moments = einops.repeat(
+        einops.reduce(moments, "m b (g k) -> m b g", "mean", g=self.num_groups),
+        "m b g -> m b (g k)", k=channels // self.num_groups)
+    mean, mean_square = moments
+    # E[x^2] - E[x]^2 can round below zero.
+    inv_std = jax.lax.rsqrt(jnp.maximum(0.0, mean_square - jnp.square(mean)) + self.epsilon)
+    features = (x.shape[0],) + (1,) * len(positions) + (channels,)
+    y = ((x32 - mean.reshape(features)) * (inv_std * scale).reshape(features)
+         + bias.reshape((1,) * (x.ndim - 1) + (channels,)))
+    return y.astype(self.dtype)
+
+
 def group_norm(channels: int, *, dtype: DTypeLike, param_dtype: DTypeLike,
-               name: str | None = None) -> nn.GroupNorm:
-  """GroupNorm (up to 32 groups) with scale/bias axes (NORM,)."""
-  return nn.GroupNorm(
-      num_groups=num_groups(channels), dtype=dtype, param_dtype=param_dtype,
-      scale_init=boxed(nn.initializers.ones, (axes.NORM,)),
-      bias_init=boxed(nn.initializers.zeros, (axes.NORM,)), name=name)
+               name: str | None = None) -> GroupNorm:
+  """GroupNorm with up to 32 groups."""
+  return GroupNorm(num_groups(channels), dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def layer_norm(*, dtype: DTypeLike, param_dtype: DTypeLike,
