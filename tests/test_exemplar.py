@@ -216,7 +216,7 @@ def test_tokens_of_batch_one_serve_every_row():
   params = jax.tree.map(lambda a: a + 0.1, params)
   shared = layer.apply(params, x, tokens, mask)
   repeated = layer.apply(params, x, jnp.repeat(tokens, b, axis=0), mask)
-  np.testing.assert_allclose(shared, repeated, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(shared, repeated, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(shared[2], x[2])  # All slots masked: exactly x.
   assert not np.allclose(shared[0], x[0])
 

@@ -215,3 +215,27 @@ def test_repeat_pixels_is_the_nearest_neighbour_resize_without_scatter():
   grad = jax.jit(jax.grad(lambda a: jnp.sum(layers.repeat_pixels(a) ** 2)))
   assert "scatter" not in grad.lower(x).as_text()
   np.testing.assert_allclose(grad(x), 8 * x, rtol=1e-6)  # Each pixel appears 4 times.
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 96), (3, 5, 64), (2, 8, 8, 32)])
+def test_group_norm_matches_flax_group_norm_on_its_parameters(shape):
+  """layers.GroupNorm takes flax's GroupNorm parameter tree and gives its outputs
+  and gradients to float32 rounding; groups that do not divide the channels fail."""
+  channels = shape[-1]
+  groups = layers.num_groups(channels)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2 + 0.5
+  reference = nn.GroupNorm(num_groups=groups)
+  params = reference.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(2), a.shape),
+                        params)
+  ours = layers.GroupNorm(groups)
+  assert (jax.tree.map(jnp.shape, nn.meta.unbox(ours.init(jax.random.PRNGKey(1), x)))
+          == jax.tree.map(jnp.shape, params))
+  np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(jax.random.PRNGKey(3), shape)
+  grad = lambda m: jax.grad(lambda p, a: jnp.sum(weights * m.apply(p, a)), (0, 1))(params, x)
+  for ours_grad, flax_grad in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(reference))):
+    np.testing.assert_allclose(ours_grad, flax_grad, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="do not divide"):
+    layers.GroupNorm(5).init(jax.random.PRNGKey(1), x)
