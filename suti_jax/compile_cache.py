@@ -1,10 +1,12 @@
-"""XLA compilation: the persistent cache the CLIs and the demo share, and a
-per-thread count of the seconds spent compiling (what a cache hit saves).
+"""XLA compilation: the persistent cache the CLIs and the demo share, a lock that
+makes threads compile in turn, and a per-thread count of the seconds spent
+compiling (what a cache hit saves).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 
@@ -16,6 +18,7 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _seconds: collections.Counter[int] = collections.Counter()
 _lock = threading.Lock()
 _listening = False
+_compiling = threading.Lock()
 
 
 def enable(directory: str) -> str:
@@ -33,6 +36,18 @@ def enable(directory: str) -> str:
     jax.config.update("jax_compilation_cache_dir", directory)
     current = directory
   return current
+
+
+@contextlib.contextmanager
+def one_at_a_time():
+  """Holds the process's compile lock while the block builds its programs.
+
+  Stages that run in threads of one process (the demo's) often build the same
+  programs: SuTI v1 and v2 train one architecture. Built in turn, the later one
+  reads them from the persistent cache instead of compiling them again.
+  """
+  with _compiling:
+    yield
 
 
 def _record(event: str, duration: float, **_: object) -> None:

@@ -350,6 +350,25 @@ def test_v2_pipeline_parts_are_stages_that_the_merge_waits_for(tmp_path):
   assert fingerprint_of(one["icl_v1"].fingerprint) == fingerprint_of(stages["icl_v1"].fingerprint)
 
 
+def test_v2_pipeline_parts_take_both_slots_when_the_web_is_written(tmp_path):
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
+
+  config = demo_config.get_config()
+  stages = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report")).stages()
+  deps = {}
+  for stage in stages:
+    deps[stage.name] = set(stage.deps).union(*(deps[d] for d in stage.deps))
+  # Only the shipped artefacts (installed in seconds) can start beside "web"; the
+  # runner starts ready stages in list order, so the parts, listed first among the
+  # stages that wait for the web, take both slots when it is written.
+  assert {n for n, d in deps.items() if "web" not in d} == {"web", "train_base",
+                                                             "train_judges"}
+  waiting = [s.name for s in stages if "web" in deps[s.name]]
+  assert waiting[:config.workers] == [f"icl_v2_part{i}" for i in range(config.workers)]
+  assert config.pipeline.v2_parts == config.workers
+
+
 def test_default_recipe_installs_the_shipped_base_and_judges(tmp_path):
   """A config change that reaches the base or judge recipe (a new model key, say)
   would make `make demo` retrain them (an hour on 2 cores): ship new ones with it."""
@@ -533,3 +552,24 @@ def test_demo_installs_shipped_judges_only_for_their_recipe(tmp_path):
   assert "installed_from" not in retrained
   with pytest.raises(ValueError, match="unknown shipped artefacts"):
     recipe.Demo(config, str(tmp_path / "d"), str(tmp_path / "r"), retrain=("judge",))
+
+
+def test_threads_compile_in_turn():
+  from suti_jax import compile_cache  # pylint: disable=import-outside-toplevel
+
+  inside, seen = [], []
+
+  def build():
+    with compile_cache.one_at_a_time():
+      inside.append(threading.get_ident())
+      seen.append(len(inside))
+      time.sleep(0.05)
+      inside.pop()
+
+  threads = [threading.Thread(target=build) for _ in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  # Never two threads inside at once; each entered once.
+  assert seen == [1, 1, 1]

@@ -454,9 +454,13 @@ class Demo:
          ("train_base", "icl_v1")),
         ("generate_suti_v2", lambda: self.generate("suti_v2"), suti_sampling, ("train_suti_v2",)),
         ("generate_suti_v1", lambda: self.generate("suti_v1"), suti_sampling, ("train_suti_v1",)),
+        # The baselines render the held-out subjects: after "web", which checks them
+        # disjoint from the training web, so the v2 pipeline's parts (the head of the
+        # critical path) take both slots first and the baselines fill later slots.
         ("generate_dreambooth", lambda: self.generate("dreambooth"), [steps, experts],
-         ("train_base",)),
-        ("generate_text_only", lambda: self.generate("text_only"), steps, ("train_base",)),
+         ("web", "train_base")),
+        ("generate_text_only", lambda: self.generate("text_only"), steps,
+         ("web", "train_base")),
         ("curve_suti_v2", lambda: self.learning_curve("v2"), suti_sampling,
          ("train_judges", "train_suti_v2", "generate_suti_v2")),
         ("curve_suti_v1", lambda: self.learning_curve("v1"), suti_sampling,

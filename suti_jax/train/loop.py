@@ -20,6 +20,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
+from suti_jax import compile_cache
 from suti_jax.data import input as input_lib
 from suti_jax.data import synthetic
 from suti_jax.models import surgery
@@ -253,9 +254,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, input_source: Any = 
   writer = metrics_lib.make_writer(workdir)
   try:
     text_params = _text_params(exp, ckpt, shapes.text)
-    state, start = _initial_state(exp, ckpt, shapes.state, shapes.shardings, data)
-    compiled = step_lib.compile_train_step(exp.step_fn, shapes.state, shapes.batch, shapes.text,
-                                           mesh, sec.rules)
+    with compile_cache.one_at_a_time():
+      state, start = _initial_state(exp, ckpt, shapes.state, shapes.shardings, data)
+      compiled = step_lib.compile_train_step(exp.step_fn, shapes.state, shapes.batch,
+                                             shapes.text, mesh, sec.rules)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                              sec.train.peak_flops_per_device)
     flops = metrics_lib.train_step_flops(compiled, sec.optimizer.grad_accum_steps)
