@@ -1,7 +1,7 @@
 """The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
 (experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
 
-  python -m launch.demo          # 21-25 min measured on a fresh clone, install included
+  python -m launch.demo          # 21-27 min measured on a fresh clone, install included
                                  # (README); the v2 experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
   python -m launch.demo --config=configs/demo.py:full --workdir=workdirs/demo_full \
