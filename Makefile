@@ -27,7 +27,7 @@ $(TESTDEPS): $(CORE) requirements-test.lock
 	$(PIP) install --no-deps -r requirements-test.lock
 	touch $@
 
-# RETRAIN=base,judges trains those shipped artefacts (pretrained/demo_*) from scratch.
+# RETRAIN=base,sr,judges trains those shipped artefacts (pretrained/demo_*) from scratch.
 # The demo is the CPU demo: JAX_PLATFORMS=cpu keeps libtpu (installed by the test lock
 # for AOT tests) from probing for a TPU; set JAX_PLATFORMS to override.
 demo: $(CORE)

@@ -369,8 +369,8 @@ def test_v2_pipeline_parts_take_both_slots_when_the_web_is_written(tmp_path):
   assert config.pipeline.v2_parts == config.workers
 
 
-def test_default_recipe_installs_the_shipped_base_and_judges(tmp_path):
-  """A config change that reaches the base or judge recipe (a new model key, say)
+def test_default_recipe_installs_the_shipped_base_sr_and_judges(tmp_path):
+  """A config change that reaches the base, SR or judge recipe (a new model key, say)
   would make `make demo` retrain them (an hour on 2 cores): ship new ones with it."""
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
   from launch.demo import recipe  # pylint: disable=import-outside-toplevel
@@ -382,6 +382,8 @@ def test_default_recipe_installs_the_shipped_base_and_judges(tmp_path):
           == fingerprint_of(demo.base_fingerprint()))
   assert (pretrained.read_recipe(config.judges_pretrained)["fingerprint"]
           == fingerprint_of(config.judges.to_dict()))
+  assert (pretrained.read_recipe(config.sr_pretrained)["fingerprint"]
+          == fingerprint_of(demo.sr_fingerprint()))
 
 
 def test_demo_full_recipe_scales_the_default_and_excludes_small():
@@ -552,6 +554,49 @@ def test_demo_installs_shipped_judges_only_for_their_recipe(tmp_path):
   assert "installed_from" not in retrained
   with pytest.raises(ValueError, match="unknown shipped artefacts"):
     recipe.Demo(config, str(tmp_path / "d"), str(tmp_path / "r"), retrain=("judge",))
+
+
+def test_demo_installs_a_shipped_checkpoint_only_for_its_recipe(tmp_path, monkeypatch):
+  """The SR stage (as the base) trains, exports with `save_to`, then installs the
+  exported checkpoint under the same recipe and trains again under another."""
+  from configs import demo as demo_config
+  from launch.demo import recipe
+
+  trained_in = []
+
+  def fake_train(cfg, workdir, watcher, source):
+    del watcher
+    trained_in.append(workdir)
+    step_dir = os.path.join(workdir, "checkpoints", str(cfg.train.total_steps))
+    os.makedirs(step_dir)
+    with open(os.path.join(step_dir, "state"), "w") as f:
+      f.write(f"{len(source)} pairs")
+    return {"paths": {"checkpoints": os.path.join(workdir, "checkpoints")},
+            "final": {"step": float(cfg.train.total_steps), "train/loss": 0.25}}
+
+  monkeypatch.setattr(recipe, "_train", fake_train)
+  shipped = str(tmp_path / "shipped_sr")
+  config = demo_config.get_config("small")
+  trained = recipe.Demo(config, str(tmp_path / "a"), str(tmp_path / "r"),
+                        save_to={"sr": shipped}).train_sr()
+  assert "installed_from" not in trained and len(trained_in) == 1
+
+  config.sr_pretrained = shipped
+  demo = recipe.Demo(config, str(tmp_path / "b"), str(tmp_path / "r"))
+  installed = demo.train_sr()
+  assert len(trained_in) == 1, "installed, not trained"
+  assert installed["installed_from"] == shipped
+  assert installed["final"] == trained["final"]
+  state = os.path.join(str(config.sr.train.total_steps), "state")
+  assert (open(os.path.join(installed["paths"]["checkpoints"], state)).read()
+          == f"{len(demo.web)} pairs")
+
+  retrain = recipe.Demo(config, str(tmp_path / "c"), str(tmp_path / "r"), retrain=("sr",))
+  assert "installed_from" not in retrain.train_sr()
+  config.world.num_clusters += 1  # Another web: the shipped SR does not fit it.
+  assert "installed_from" not in recipe.Demo(config, str(tmp_path / "d"),
+                                             str(tmp_path / "r")).train_sr()
+  assert len(trained_in) == 3
 
 
 def test_threads_compile_in_turn():

@@ -2,8 +2,8 @@
 `launch.demo.recipe.run`; a re-run skips finished stages and resumes an interrupted one.
 
   python -m launch.demo [--workdir=workdirs/demo] [--config=configs/demo.py[:small]]
-  python -m launch.demo --retrain=base,judges   # train the shipped artefacts
-                                                # (pretrained/demo_*) from scratch
+  python -m launch.demo --retrain=base,sr,judges   # train the shipped artefacts
+                                                   # (pretrained/demo_*) from scratch
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo",
 _REPORT_DIR = flags.DEFINE_string("report_dir", "reports/demo",
                                   "Where REPORT.md, metrics.json and the grids go.")
 _RETRAIN = flags.DEFINE_list(
-    "retrain", [], "Shipped artefacts (base, judges) to train from scratch even where the "
-    "shipped one (config.base_pretrained, config.judges_pretrained) was made by this "
-    "config's recipe.")
+    "retrain", [], "Shipped artefacts (base, sr, judges) to train from scratch even where the "
+    "shipped one (config.base_pretrained, config.sr_pretrained, config.judges_pretrained) "
+    "was made by this config's recipe.")
 _SAVE_BASE_TO = flags.DEFINE_string(
     "save_base_to", "", "After training the base, write it and its recipe fingerprint there "
     "as a shipped artefact (e.g. pretrained/demo_base).")
+_SAVE_SR_TO = flags.DEFINE_string(
+    "save_sr_to", "", "After training the SR stage, write it and its recipe fingerprint there "
+    "as a shipped artefact (e.g. pretrained/demo_sr).")
 _SAVE_JUDGES_TO = flags.DEFINE_string(
     "save_judges_to", "", "After training the judges, write them, their held-out report and "
     "their recipe fingerprint there as a shipped artefact (e.g. pretrained/demo_judges).")
@@ -51,6 +54,7 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
 
   save_to = {name: path for name, path in (("base", _SAVE_BASE_TO.value),
+                                            ("sr", _SAVE_SR_TO.value),
                                             ("judges", _SAVE_JUDGES_TO.value)) if path}
   recipe.run(_CONFIG.value, _WORKDIR.value, _REPORT_DIR.value, retrain=_RETRAIN.value,
              save_to=save_to)

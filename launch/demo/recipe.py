@@ -41,7 +41,8 @@ from suti_jax.train import preemption
 # Artefacts the repository ships pretrained: name -> (config key of the shipped
 # folder, payload folder inside it). Each is installed when its recipe fingerprint
 # matches the config, else trained (and exported with `save_to`).
-SHIPPED = {"base": ("base_pretrained", "checkpoints"), "judges": ("judges_pretrained", "judges")}
+SHIPPED = {"base": ("base_pretrained", "checkpoints"), "sr": ("sr_pretrained", "checkpoints"),
+           "judges": ("judges_pretrained", "judges")}
 
 
 class Preempted(RuntimeError):
@@ -81,8 +82,8 @@ class Demo:
       workdir: intermediate outputs, checkpoints and done-markers.
       report_dir: where REPORT.md, metrics.json and the grids go.
       watcher: the SIGTERM watcher of the training stages (one is made if None).
-      retrain: shipped artefacts ('base', 'judges') to train even where the shipped
-        one was made by this config's recipe.
+      retrain: shipped artefacts (`SHIPPED`) to train even where the shipped one
+        was made by this config's recipe.
       save_to: artefact name -> folder to export it to after training it.
     """
     self.cfg = config
@@ -152,6 +153,11 @@ class Demo:
     """What the base checkpoint depends on: its config and its corpus, not the web."""
     return [self.cfg.base.to_dict(), self.cfg.corpus.to_dict(), self.cfg.world.image_size]
 
+  def sr_fingerprint(self) -> Any:
+    """What the SR checkpoint depends on: its config and the web pairs it trains on."""
+    w = self.cfg.world
+    return [self.cfg.sr.to_dict(), self.cfg.seed, w.num_clusters, w.web_size_px]
+
   def _install_shipped(self, name: str, target: str, fingerprint: str) -> dict[str, Any] | None:
     """Installs the shipped artefact `name` into `target` and returns its recipe, or
     returns None when the stage must train: nothing shipped, a retrain asked for,
@@ -170,24 +176,32 @@ class Demo:
                     "from scratch")
     return recipe
 
-  def train_base(self) -> dict[str, Any]:
-    checkpoints = self.path("base", "checkpoints")
-    fingerprint = fingerprint_of(self.base_fingerprint())
-    recipe = self._install_shipped("base", checkpoints, fingerprint)
+  def _train_shipped(self, name: str, fingerprint: Any,
+                     source: Callable[[], Any]) -> dict[str, Any]:
+    """Trains the checkpointed stage `name` (config section and workdir folder of
+    that name) on `source()`, or installs its shipped checkpoint when this recipe
+    made it; with `save_to[name]`, exports what it trained."""
+    checkpoints = self.path(name, "checkpoints")
+    fingerprint = fingerprint_of(fingerprint)
+    recipe = self._install_shipped(name, checkpoints, fingerprint)
     if recipe is not None:
       return {"paths": {"checkpoints": checkpoints}, "final": recipe["final"],
-              "installed_from": self.cfg.base_pretrained}
-    out = _train(self.cfg.base, self.path("base"), self.watcher, self.corpus_source())
-    if "base" in self.save_to:
-      step = self.cfg.base.train.total_steps
+              "installed_from": self.cfg[SHIPPED[name][0]]}
+    cfg = self.cfg[name]
+    out = _train(cfg, self.path(name), self.watcher, source())
+    if name in self.save_to:
       # The whole checkpoints folder: its one kept step (train.keep_checkpoints=1)
       # and the run's T5 beside it (`checkpoint.TEXT_ENCODER_DIR`).
-      pretrained.export(checkpoints, self.save_to["base"], SHIPPED["base"][1],
-                        {"fingerprint": fingerprint, "final": out["final"], "step": step})
+      pretrained.export(checkpoints, self.save_to[name], SHIPPED[name][1],
+                        {"fingerprint": fingerprint, "final": out["final"],
+                         "step": cfg.train.total_steps})
     return out
 
+  def train_base(self) -> dict[str, Any]:
+    return self._train_shipped("base", self.base_fingerprint(), self.corpus_source)
+
   def train_sr(self) -> dict[str, Any]:
-    return _train(self.cfg.sr, self.path("sr"), self.watcher, self.caption_source())
+    return self._train_shipped("sr", self.sr_fingerprint(), self.caption_source)
 
   def train_judges(self) -> dict[str, Any]:
     j = self.cfg.judges
@@ -467,7 +481,7 @@ class Demo:
          ("train_judges", "train_suti_v1", "generate_suti_v1")),
         # The SR stage feeds only the report: it runs in a free slot late, not
         # ahead of the v2 pipeline, the head of the critical path.
-        ("train_sr", self.train_sr, c["sr"], ("web",)),
+        ("train_sr", self.train_sr, self.sr_fingerprint(), ("web",)),
         ("time_personalization", self.time_personalization,
          [suti_sampling, experts, c["eval"]["timed_subjects"]], ("train_base", "train_suti_v2")),
         ("evaluate", self.evaluate, None,
@@ -502,7 +516,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, report_dir: str = "repo
     config: `configs/demo.py` config.
     workdir: intermediate outputs, checkpoints and done-markers.
     report_dir: where REPORT.md, metrics.json and the grids go.
-    retrain: shipped artefacts ('base', 'judges') to train even where they fit.
+    retrain: shipped artefacts (`SHIPPED`) to train even where they fit.
     save_to: artefact name -> folder to write it to as a shipped artefact after training.
 
   Returns:
