@@ -18,7 +18,7 @@ from bench import common
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run order: cheapest first, so a failure late on still leaves the earlier reports.
 SCRIPTS = ("roofline", "sharding_memory", "input_pipeline", "loop_efficiency",
-           "exemplar_gradients", "train_step_vs_peers", "step_profile",
+           "exemplar_gradients", "page_faults", "train_step_vs_peers", "step_profile",
            "personalization_cost")
 
 

@@ -201,6 +201,31 @@ def test_smoke_exemplar_gradients(smoke):
 
 
 @pytest.mark.slow  # runs every benchmark end to end
+def test_smoke_page_faults(smoke):
+  from bench import page_faults  # pylint: disable=import-outside-toplevel
+
+  res = smoke[0]["page_faults"]["results"]
+  cpu = {}
+  for variant in page_faults.VARIANTS:
+    r = res[variant]
+    assert _positive(r["ms_per_step"]) and r["minor_faults_per_step"] >= 0
+    cpu[variant] = r["user_ms_per_step"] + r["system_ms_per_step"]
+  default, huge = (cpu[v] for v in page_faults.VARIANTS)
+  assert res["cpu_ratio"] == pytest.approx(huge / default)
+
+
+def test_page_faults_variants_keep_the_users_other_tunables(monkeypatch):
+  from bench import page_faults  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0")
+  assert page_faults._tunables("glibc defaults") == "glibc.malloc.arena_max=2"
+  assert (page_faults._tunables("huge pages for malloc")
+          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  assert page_faults._tunables("glibc defaults") == ""
+
+
+@pytest.mark.slow  # runs every benchmark end to end
 def test_smoke_input_pipeline(smoke):
   res = smoke[0]["input_pipeline"]["results"]
   assert res["beam"]["groups"] > 0
