@@ -1,8 +1,9 @@
 """The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
 (experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
 
-  python -m launch.demo          # 21-27 min measured on a fresh clone, install included
-                                 # (README); the v2 experts and SuTI v2 are the critical path
+  python -m launch.demo          # `make demo`: 25 min 32 s measured on a fresh clone,
+                                 # install included (README; the VM's hour moves it by
+                                 # minutes); the v2 experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
   python -m launch.demo --config=configs/demo.py:full --workdir=workdirs/demo_full \
       --report_dir=reports/demo_full                     # the longer recipe (77 min)
