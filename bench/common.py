@@ -12,6 +12,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -173,3 +175,32 @@ def write_report(name: str, question: str, tables: Sequence[Table], results: dic
     json.dump(report, f, indent=2, sort_keys=True, default=str)
   print(markdown)
   return report
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_parser(question: str, rounds: int) -> argparse.ArgumentParser:
+  """`base_parser` plus the flags of a script that times variants in child processes:
+  --child (internal: one variant's JSON request) and --rounds (alternations)."""
+  p = base_parser(question)
+  p.add_argument("--child", default="",
+                 help="Internal: run one variant in this process from a JSON request.")
+  p.add_argument("--rounds", type=int, default=rounds, help="Alternations of the variants.")
+  return p
+
+
+def run_child(module: str, variant: str, request: dict[str, Any],
+              env: dict[str, str]) -> dict[str, Any]:
+  """Runs `python -m <module> --child <request>` under `env` (one variant per fresh
+  process: XLA flags and glibc tunables are read at start-up) and returns the JSON
+  object it prints last.
+
+  Raises:
+    RuntimeError: the child failed (its stderr tail is in the message).
+  """
+  proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(request)],
+                        env=env, cwd=REPO, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"variant {variant!r} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])

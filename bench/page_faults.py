@@ -19,8 +19,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -32,7 +30,6 @@ QUESTION = ("How many page faults does the demo's SuTI train step take, and how 
 TUNABLE = "glibc.malloc.hugetlb=1"
 # Variant -> the glibc tunable it adds to the user's GLIBC_TUNABLES (None: removed).
 VARIANTS = {"glibc defaults": None, "huge pages for malloc": TUNABLE}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child(smoke: bool, calls: int) -> dict[str, Any]:
@@ -66,20 +63,12 @@ def run_variant(variant: str, smoke: bool, calls: int) -> dict[str, Any]:
   # The demo keeps jaxlib's XLA:CPU defaults (launch/demo/__main__.py); so does the
   # child, which imports suti_jax (adding its flag unless opted out) after this is set.
   env = dict(os.environ, GLIBC_TUNABLES=_tunables(variant), SUTI_JAX_KEEP_XLA_FLAGS="1")
-  request = json.dumps({"smoke": smoke, "calls": calls})
-  proc = subprocess.run([sys.executable, "-m", "bench.page_faults", "--child", request],
-                        env=env, cwd=REPO, capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f"variant {variant!r} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return common.run_child("bench.page_faults", variant, {"smoke": smoke, "calls": calls},
+                          env)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = common.base_parser(QUESTION)
-  p.add_argument("--child", default="",
-                 help="Internal: run one variant in this process from a JSON request.")
-  p.add_argument("--rounds", type=int, default=3, help="Alternations of the two variants.")
-  args = p.parse_args(argv)
+  args = common.child_parser(QUESTION, rounds=3).parse_args(argv)
   if args.child:
     request = json.loads(args.child)
     print(json.dumps(child(request["smoke"], request["calls"])))

@@ -14,7 +14,6 @@ import gzip
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -125,22 +124,12 @@ def run_variant(variant: str, spec: dict[str, Any], warmup: int, calls: int,
   # The parent's XLA_FLAGS already carry suti_jax's flags: start from the user's.
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if f.split("=")[0].lstrip("-") not in xla_flags.CPU_FLAGS)
-  request = json.dumps({"spec": spec, "warmup": warmup, "calls": calls,
-                        "with_profile": with_profile})
-  proc = subprocess.run([sys.executable, "-m", "bench.step_profile", "--child", request],
-                        env=env, cwd=train_step_vs_peers.REPO, capture_output=True, text=True,
-                        check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f"variant {variant!r} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  request = {"spec": spec, "warmup": warmup, "calls": calls, "with_profile": with_profile}
+  return common.run_child("bench.step_profile", variant, request, env)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = common.base_parser(QUESTION)
-  p.add_argument("--child", default="",
-                 help="Internal: run one variant in this process from a JSON request.")
-  p.add_argument("--rounds", type=int, default=2, help="Alternations of the two variants.")
-  args = p.parse_args(argv)
+  args = common.child_parser(QUESTION, rounds=2).parse_args(argv)
   if args.child:
     request = json.loads(args.child)
     print(json.dumps(child(request["spec"], request["warmup"], request["calls"],
