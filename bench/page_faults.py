@@ -2,7 +2,7 @@
 
 XLA:CPU allocates its large per-step buffers with malloc, which hands allocations
 above glibc's mmap threshold to fresh mmaps: their pages fault in on every step.
-The Makefile runs the demo, the tests and the benchmarks with
+The Makefile runs the demo and the benchmarks with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, so those mmaps are backed by transparent
 huge pages (glibc >= 2.35, THP `madvise` or `always`). The step
 (`bench.exemplar_gradients`'s demo SuTI step, jaxlib's default XLA:CPU flags as
