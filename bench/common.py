@@ -18,6 +18,8 @@ import time
 from typing import Any, Callable, Sequence
 
 REPORT_DIR = os.path.join("reports", "bench")
+# The repository root: benchmarks and their child processes run from it.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Threads each system may use: one fixed budget for every side-by-side timing.
 THREADS = 2
 
@@ -176,8 +178,6 @@ def write_report(name: str, question: str, tables: Sequence[Table], results: dic
   print(markdown)
   return report
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child_parser(question: str, rounds: int) -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from typing import Any
 
 from bench import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = common.REPO
 # Run order: cheapest first, so a failure late on still leaves the earlier reports.
 SCRIPTS = ("roofline", "sharding_memory", "input_pipeline", "loop_efficiency",
            "exemplar_gradients", "page_faults", "train_step_vs_peers", "step_profile",

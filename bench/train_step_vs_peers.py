@@ -35,7 +35,7 @@ FULL_SPEC = dict(image_size=32, base_channels=64, channel_mults=(1, 2, 4), num_r
 SMOKE_SPEC = dict(image_size=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=(1, 1),
                   attention_resolutions=(8,), num_heads=2, text_embed_dim=16, text_len=8,
                   batch_size=2)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = common.REPO
 PEER_VENV = os.path.join(REPO, ".venv-bench")
 PEER_TIMEOUT_S = 3600
 # The suti_jax attention layout (UNetConfig.attention_layout) of each peer's UNet:
