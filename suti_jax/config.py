@@ -160,7 +160,8 @@ class SamplingConfig:
   """How one stage samples.
 
   Attributes:
-    sampler: 'ddim' or 'ddpm' (ancestral).
+    sampler: 'ddim', 'ddpm' (ancestral) or 'dpm_solver_2m' (DPM-Solver++(2M),
+      second order, eta = 0).
     guidance: 'cfg' (joint), 'compositional' (separate text and exemplar
       scales) or 'interleaved' (Re-Imagen: alternate the guided condition).
     threshold: 'dynamic', 'static' or 'none'.

@@ -7,6 +7,7 @@ target shardings of any mesh.
 from __future__ import annotations
 
 import glob
+import logging as py_logging
 import os
 import shutil
 import subprocess
@@ -247,9 +248,24 @@ def checkpoint_directory(path: str) -> str:
   return os.path.abspath(directory)
 
 
+class _ReadOnlyNoticeFilter(py_logging.Filter):
+  """Drops Orbax's warning that a read-only manager's directory is read only.
+
+  Orbax logs it each time a read-only manager opens, and the demo's stages
+  restore dozens of checkpoints: the lines buried its progress output.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+py_logging.getLogger("absl").addFilter(_ReadOnlyNoticeFilter())
+
+
 def _read_only_manager(path: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(checkpoint_directory(path), item_names=ITEMS,
-                               options=ocp.CheckpointManagerOptions(read_only=True))
+  # Orbax would switch saving and creating off itself, with a warning for each.
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  return ocp.CheckpointManager(checkpoint_directory(path), item_names=ITEMS, options=options)
 
 
 def checkpoint_steps(path: str) -> list[int]:
