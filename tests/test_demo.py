@@ -326,6 +326,34 @@ def test_suti_guidance_fingerprints_the_stages_that_sample_not_the_training(tmp_
   assert fingerprints(config)["train_suti_v2"] != after["train_suti_v2"]
 
 
+def test_eval_sampler_fingerprints_every_evaluation_render_and_nothing_upstream(tmp_path):
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
+
+  def fingerprints(config):
+    demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
+    return {s.name: fingerprint_of(s.fingerprint) for s in demo.stages()}
+
+  config = demo_config.get_config("small")
+  before = fingerprints(config)
+  config.eval.sampler = "dpm_solver_2m"
+  after = fingerprints(config)
+  assert {name for name in before if before[name] != after[name]} == {
+      "generate_suti_v2", "generate_suti_v1", "generate_dreambooth", "generate_text_only",
+      "curve_suti_v2", "curve_suti_v1", "time_personalization", "evaluate", "report"}
+  # Every method's stage then samples with it, the SuTI guidance kept.
+  from suti_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from suti_jax.inference import StageModel  # pylint: disable=import-outside-toplevel
+  from suti_jax.inference.stage import StageSpec  # pylint: disable=import-outside-toplevel
+  spec = StageSpec(config_lib.UNetConfig(), config_lib.TextEncoderConfig(),
+                   config_lib.DiffusionConfig(),
+                   config_lib.SamplingConfig(guidance="interleaved", num_steps=3))
+  demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
+  sampling = demo.eval_stage(StageModel("suti_base64", spec, {}, {})).spec.sampling
+  assert (sampling.sampler, sampling.guidance, sampling.num_steps) == (
+      "dpm_solver_2m", "interleaved", 3)
+
+
 def test_v2_pipeline_parts_are_stages_that_the_merge_waits_for(tmp_path):
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
   from launch.demo import recipe  # pylint: disable=import-outside-toplevel

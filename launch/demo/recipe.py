@@ -308,7 +308,18 @@ class Demo:
     stage = load_stage(self.path(method), step=step)
     sampling = config_lib.section(config_lib.SamplingConfig, self.cfg.suti.sampling,
                                   "config.suti.sampling")
+    return self.eval_stage(dataclasses.replace(
+        stage, spec=dataclasses.replace(stage.spec, sampling=sampling)))
+
+  def eval_stage(self, stage: StageModel) -> StageModel:
+    """`stage` sampling with the evaluation's sampler (`eval.sampler`), which
+    every method's held-out renders share."""
+    sampling = dataclasses.replace(stage.spec.sampling, sampler=self.cfg.eval.sampler)
     return dataclasses.replace(stage, spec=dataclasses.replace(stage.spec, sampling=sampling))
+
+  def base_stage(self) -> StageModel:
+    """The text-to-image base as the text-only and DreamBooth baselines render with it."""
+    return self.eval_stage(load_stage(self.path("base")))
 
   def generate(self, method: str) -> dict[str, Any]:
     key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), evaluate.METHODS.index(method))
@@ -316,9 +327,9 @@ class Demo:
     if method in ("suti_v2", "suti_v1"):
       out = evaluate.suti(self.suti_stage(method), self.eval_set, key, steps)
     elif method == "text_only":
-      out = evaluate.text_only(load_stage(self.path("base")), self.eval_set, key, steps)
+      out = evaluate.text_only(self.base_stage(), self.eval_set, key, steps)
     else:
-      out = evaluate.dreambooth_experts(load_stage(self.path("base")), self.eval_set,
+      out = evaluate.dreambooth_experts(self.base_stage(), self.eval_set,
                                         self.expert_config(), key, steps)
     path = self.images_path(method)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -379,7 +390,7 @@ class Demo:
     (`evaluate.time_personalization`); the stage runs alone."""
     key = jax.random.PRNGKey(self.cfg.seed)
     steps = self.cfg.eval.sampling_steps
-    suti, base = self.suti_stage("suti_v2"), load_stage(self.path("base"))
+    suti, base = self.suti_stage("suti_v2"), self.base_stage()
     expert_cfg = self.expert_config()
     methods = {
         "suti_v2": lambda subjects: evaluate.suti(suti, subjects, key, steps),
@@ -435,7 +446,8 @@ class Demo:
             f"px x {c.sr.train.total_steps}, SuTI v2 x {c.suti_steps.v2} and v1 x "
             f"{c.suti_steps.v1} steps (batch {c.suti.train.batch_size}), "
             f"experts {self.expert_config().num_steps} steps, "
-            f"judges {c.judges.steps} steps, {c.eval.sampling_steps} sampling steps.")
+            f"judges {c.judges.steps} steps, {c.eval.sampling_steps} sampling steps "
+            f"({c.eval.sampler}).")
 
   # The recipe.
   def stages(self) -> list[Stage]:
@@ -444,7 +456,7 @@ class Demo:
     experts = dataclasses.asdict(self.expert_config())
     world = {"seed": c["seed"], "world": c["world"], "judge_seed": c["judges"]["seed"],
              "identifier": experts["identifier"]}
-    steps = c["eval"]["sampling_steps"]
+    steps = [c["eval"]["sampling_steps"], c["eval"]["sampler"]]
     # SuTI's sampler settings fingerprint the stages that sample, not the training.
     suti_training = {k: v for k, v in c["suti"].items() if k != "sampling"}
     suti_sampling = [steps, c["suti"]["sampling"]]
