@@ -307,38 +307,43 @@ def test_demo_rejects_suti_steps_set_through_the_shared_suti_section(tmp_path):
     demo.train_suti("v2")
 
 
+def _stage_fingerprints(tmp_path, config) -> dict[str, str]:
+  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
+  demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
+  return {s.name: fingerprint_of(s.fingerprint) for s in demo.stages()}
+
+
+def _stages_changed_by(tmp_path, config, change) -> set[str]:
+  """The stages whose fingerprint `change(config)` changes (config is changed)."""
+  before = _stage_fingerprints(tmp_path, config)
+  change(config)
+  after = _stage_fingerprints(tmp_path, config)
+  return {name for name in before if before[name] != after[name]}
+
+
 def test_suti_guidance_fingerprints_the_stages_that_sample_not_the_training(tmp_path):
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
-  from launch.demo import recipe  # pylint: disable=import-outside-toplevel
-
-  def fingerprints(config):
-    demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
-    return {s.name: fingerprint_of(s.fingerprint) for s in demo.stages()}
 
   config = demo_config.get_config("small")
-  before = fingerprints(config)
-  config.suti.sampling.text_guidance_scale += 1.0
-  after = fingerprints(config)
-  assert {name for name in before if before[name] != after[name]} == {
-      "generate_suti_v2", "generate_suti_v1", "curve_suti_v2", "curve_suti_v1",
-      "time_personalization", "evaluate", "report"}
-  config.suti.optimizer.learning_rate *= 2
-  assert fingerprints(config)["train_suti_v2"] != after["train_suti_v2"]
+  changed = _stages_changed_by(
+      tmp_path, config, lambda c: setattr(c.suti.sampling, "text_guidance_scale",
+                                          c.suti.sampling.text_guidance_scale + 1.0))
+  assert changed == {"generate_suti_v2", "generate_suti_v1", "curve_suti_v2",
+                     "curve_suti_v1", "time_personalization", "evaluate", "report"}
+  changed = _stages_changed_by(
+      tmp_path, config, lambda c: setattr(c.suti.optimizer, "learning_rate",
+                                          2 * c.suti.optimizer.learning_rate))
+  assert "train_suti_v2" in changed
 
 
 def test_eval_sampler_fingerprints_every_evaluation_render_and_nothing_upstream(tmp_path):
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
   from launch.demo import recipe  # pylint: disable=import-outside-toplevel
 
-  def fingerprints(config):
-    demo = recipe.Demo(config, str(tmp_path / "wd"), str(tmp_path / "report"))
-    return {s.name: fingerprint_of(s.fingerprint) for s in demo.stages()}
-
   config = demo_config.get_config("small")
-  before = fingerprints(config)
-  config.eval.sampler = "dpm_solver_2m"
-  after = fingerprints(config)
-  assert {name for name in before if before[name] != after[name]} == {
+  changed = _stages_changed_by(
+      tmp_path, config, lambda c: setattr(c.eval, "sampler", "dpm_solver_2m"))
+  assert changed == {
       "generate_suti_v2", "generate_suti_v1", "generate_dreambooth", "generate_text_only",
       "curve_suti_v2", "curve_suti_v1", "time_personalization", "evaluate", "report"}
   # Every method's stage then samples with it, the SuTI guidance kept.
