@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import tensorflow as tf
+from jax.experimental import jax2tf
 
 import train_testlib as tl
 from train_testlib import fast_compiles  # noqa: F401  (autouse fixture)
@@ -18,6 +19,7 @@ from configs import suti_base64
 from suti_jax import inference
 from suti_jax import serving
 from suti_jax.config import MeshConfig
+from suti_jax.diffusion import thresholding
 from suti_jax.models.text import tokenizers
 from suti_jax.parallel import mesh as mesh_lib
 from suti_jax.train import checkpoint as checkpoint_lib
@@ -64,6 +66,19 @@ def test_byte_tokenizer_in_graph_matches_host():
     want_ids, want_mask = tokenizers.ByteTokenizer().encode(texts, length)
     np.testing.assert_array_equal(ids.numpy(), want_ids)
     np.testing.assert_array_equal(mask.numpy(), want_mask)
+
+
+def test_dynamic_thresholding_runs_inside_a_tf_graph():
+  """The sampler's thresholding lowers to ops TensorFlow's runtime can load (the
+  quantile through `lax.top_k` did not: its StableHLO composite broke export)."""
+  x0 = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 3))) * 2
+  converted = tf.function(jax2tf.convert(
+      lambda x: thresholding.dynamic_threshold(x, 0.995), polymorphic_shapes=["(b, ...)"]),
+      autograph=False)
+  # TF's XLA compiles the division on its own: float32 rounding apart.
+  np.testing.assert_allclose(converted(tf.constant(x0)).numpy(),
+                             np.asarray(jax.jit(thresholding.dynamic_threshold,
+                                                static_argnums=1)(x0, 0.995)), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

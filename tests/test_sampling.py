@@ -359,3 +359,13 @@ def test_upper_quantile_is_jnp_quantile(q, n):
   values = jnp.abs(jax.random.normal(jax.random.PRNGKey(n), (3, n))) * 2
   np.testing.assert_allclose(thresholding.upper_quantile(values, q),
                              jnp.quantile(values, q, axis=1), rtol=1e-6, atol=0)
+
+
+def test_upper_quantile_with_ties_zeros_and_the_largest_float():
+  # Repeated values around the quantile's position, all zeros, the largest float.
+  values = jnp.array([[0.0] * 5 + [1.5] * 190 + [2.0, 3.0, 3.0, 7.0, 9.0],
+                      [0.0] * 200,
+                      [4.0] * 199 + [float(np.finfo(np.float32).max)]])
+  for q in (0.0, 0.5, 0.99, 0.995, 1.0):
+    np.testing.assert_array_equal(thresholding.upper_quantile(values, q),
+                                  jnp.quantile(values, q, axis=1))

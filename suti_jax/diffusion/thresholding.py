@@ -42,27 +42,61 @@ def dynamic_threshold(x0: jax.Array, percentile: float) -> jax.Array:
   return jnp.clip(x0, -s, s) / s
 
 
-def upper_quantile(values: jax.Array, q: float) -> jax.Array:
-  """`jnp.quantile(values, q, axis=1)` (linear interpolation, to float32
-  rounding), from the largest values only.
+# Bit pattern of float32 +inf: every finite non-negative float32's pattern, read
+# as an int32, lies in [0, INF_BITS] and orders as the float does.
+INF_BITS = 0x7F800000
 
-  `lax.top_k` takes the values above the quantile's position instead of
-  sorting each row: at Imagen's 0.995 that is 5 of a 16 px image's 768 values.
+
+def _order_statistic_bits(bits: jax.Array, rank: int) -> jax.Array:
+  """Bit pattern of each row's `rank`-th smallest value (0-based), by bisection
+  on the patterns: the smallest b with count(bits <= b) > rank. 31 halvings of
+  [0, INF_BITS] leave one pattern, so the value is exact."""
+  rows = bits.shape[0]
+
+  def halve(_, bounds):
+    low, high = bounds
+    mid = low + (high - low) // 2
+    enough = jnp.sum(bits <= mid[:, None], axis=1, dtype=jnp.int32) > rank
+    return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
+
+  bounds = (jnp.zeros((rows,), jnp.int32), jnp.full((rows,), INF_BITS, jnp.int32))
+  return jax.lax.fori_loop(0, INF_BITS.bit_length(), halve, bounds)[1]
+
+
+def upper_quantile(values: jax.Array, q: float) -> jax.Array:
+  """`jnp.quantile(values, q, axis=1)` (linear interpolation) of non-negative
+  values, exactly.
+
+  The order statistics come from a bisection over the values' float32 bit
+  patterns (31 compare-and-count passes over each row) rather than a sort or
+  `lax.top_k`: XLA:CPU's top_k took 1.7 ms for 20 rows of 768 values and
+  118 ms for 64 rows of 12,288 against 0.18 and 7.8 ms, and `lax.top_k`
+  lowers to a StableHLO composite that TensorFlow's SavedModel runtime cannot
+  load, which broke the serving export.
 
   Args:
-    values: [B, N].
+    values: [B, N] non-negative, finite (dynamic thresholding's |x0|).
     q: quantile in [0, 1] (static).
 
   Returns:
-    [B].
+    [B] float32.
   """
+  values = values.astype(jnp.float32)
   n = values.shape[1]
   position = np.float32(q) * np.float32(n - 1)
   low, high = int(math.floor(position)), int(math.ceil(position))
   high_weight = np.float32(position - np.float32(low))
-  top = jax.lax.top_k(values, n - low)[0]  # Descending: sorted index i is top[n - 1 - i].
-  return (top[:, n - 1 - low] * (np.float32(1) - high_weight)
-          + top[:, n - 1 - high] * high_weight)
+  bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+  low_bits = _order_statistic_bits(bits, low)
+  at_low = jax.lax.bitcast_convert_type(low_bits, jnp.float32)
+  if high == low:
+    return at_low
+  # The next order statistic: the same value when it repeats, else the
+  # smallest value above it.
+  repeats = jnp.sum(bits <= low_bits[:, None], axis=1) > high
+  above = jnp.min(jnp.where(bits > low_bits[:, None], values, jnp.inf), axis=1)
+  at_high = jnp.where(repeats, at_low, above)
+  return at_low * (np.float32(1) - high_weight) + at_high * high_weight
 
 
 def apply_threshold(x0: jax.Array, mode: str, percentile: float) -> jax.Array:
