@@ -1,9 +1,9 @@
 """The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
 (experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
 
-  python -m launch.demo          # `make demo`: 25 min 32 s measured on a fresh clone,
-                                 # install included (README; the VM's hour moves it by
-                                 # minutes); the v2 experts and SuTI v2 are the critical path
+  python -m launch.demo          # `make demo`: 23 min 43 s measured on a fresh clone,
+                                 # install included, on a 2-core Intel VM (README); the v2
+                                 # experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
   python -m launch.demo --config=configs/demo.py:full --workdir=workdirs/demo_full \
       --report_dir=reports/demo_full                     # the longer recipe (77 min)
@@ -29,7 +29,9 @@ BASE_STEPS = 6000
 # SuTI training steps of the two models. In-context copying appears late, and
 # SuTI v2, which learns from the experts' softer renders, later than v1: held-out
 # subject fidelity at 600 / 1200 / 1800 / 2400 steps was v2 0.179 / 0.232 / 0.320 /
-# 0.434 (REPORT.md); v1 0.159 / 0.265 / 0.404 / 0.393, flat after 1800. v1 stops
+# 0.434 (REPORT.md, 60-step experts' targets; on the 150-step experts' targets v2
+# scores 0.212 / 0.365 / 0.550 / 0.568 at 675 / 1350 / 2025 / 2700 steps); v1 0.159 /
+# 0.265 / 0.404 / 0.393, flat after 1800. v1 stops
 # there, which leaves the 2 cores to v2, the critical path. v2 trains 2700 steps: at
 # 2400 its same-subject rate sat at the 0.6 bar (0.617 in one run, 0.583 in the next,
 # whose targets the experts rendered with the last bits of their numerics changed).
