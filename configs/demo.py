@@ -6,7 +6,8 @@
                                  # experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
   python -m launch.demo --config=configs/demo.py:full --workdir=workdirs/demo_full \
-      --report_dir=reports/demo_full                     # the longer recipe (77 min)
+      --report_dir=reports/demo_full                     # the longer recipe (77 min with
+                                                         # 60-step experts)
 """
 
 import ml_collections
@@ -143,8 +144,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 60-step experts' targets, SuTI v2 scored 0.417 / 0.617 / 0.096 on the report's
   # subjects (subject fidelity / same-subject rate / text fidelity); on 150-step
   # experts' targets 0.568 / 0.758 / 0.061, with 1263 groups kept instead of 932. The
-  # v2 pipeline's parts took 600-614 s instead of 307-309 s. On CPU they train one at a
-  # time: vmapping experts makes XLA batch the convolutions over per-expert
+  # v2 pipeline's parts took 554-564 s instead of 307-309 s (fresh clone, Intel VM).
+  # On CPU they train one at a time: vmapping experts makes XLA batch the convolutions over per-expert
   # kernels, and 12 experts x 20 steps took 14.9 s vmapped 12-wide, 11.4 s
   # 4-wide and 7.7 s one by one.
   # They render with text guidance 4 (the base samples at 1.35): fine-tuned on a few
