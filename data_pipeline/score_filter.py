@@ -65,6 +65,9 @@ class _Loaded:
   def score(self, image, condition) -> float:
     return float(self._judge.score(image, condition))
 
+  def recaption(self, image, prompt: str) -> str:
+    return self._judge.recaption(image, prompt)
+
 
 def make_scorer(kind: str, spec: str):
   """Builds a scorer from its flag value.
@@ -94,11 +97,16 @@ class ScoreConfig:
     min_subject_score: targets scoring below are dropped ('drop/low_subject_fidelity').
     min_text_score: targets scoring below are dropped ('drop/low_text_fidelity').
     max_exemplars: K, exemplars per ICL group (the first K by URL order).
+    recaption_targets: a target's prompt keeps only the modifiers the text scorer
+      sees in it (`TextScorer.recaption`), before its text score is taken; counted
+      as 'score_filter/recaptioned'. An expert that drifts from the prompt then
+      still gives a group whose text says what its target shows.
   """
 
   min_subject_score: float = 0.3
   min_text_score: float = 0.5
   max_exemplars: int = 5
+  recaption_targets: bool = False
 
 
 class _ScoreFn(beam.DoFn):
@@ -122,7 +130,12 @@ class _ScoreFn(beam.DoFn):
     exemplars = [cluster.members[i] for i in chosen]
     pixels = decode_members(dataclasses.replace(cluster, members=tuple(exemplars)))
     subject = self._subject.score(target.image, pixels)
-    text = self._text.score(target.image, target.prompt)
+    prompt = target.prompt
+    if self._cfg.recaption_targets:
+      prompt = self._text.recaption(target.image, prompt)
+      if prompt != target.prompt:
+        counters.count("score_filter/recaptioned")
+    text = self._text.score(target.image, prompt)
     if subject < self._cfg.min_subject_score:
       counters.count(f"drop/{_LOW_SUBJECT_FIDELITY}")
       return
@@ -138,7 +151,7 @@ class _ScoreFn(beam.DoFn):
         subject_id=cluster.key, skill=target.skill,
         exemplar_images=[m.image for m in exemplars],
         exemplar_captions=[m.caption for m in exemplars],
-        target_image=records.encode_png(target.image), target_prompt=target.prompt,
+        target_image=records.encode_png(target.image), target_prompt=prompt,
         score_subject=subject, score_text=text, source_urls=urls,
         expert=candidate.renderer, pipeline=PIPELINE_VERSION)
 

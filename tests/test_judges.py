@@ -121,6 +121,24 @@ def test_text_score_is_the_fraction_of_prompted_attributes(fast, monkeypatch):
                                 ).tolist() == [0.0, 1.0]
 
 
+def test_recaption_keeps_only_the_modifiers_the_image_shows(fast, monkeypatch):
+  _, text_judge, _ = fast
+  shown = {name: values[0] for name, values in judges.ATTRIBUTES.items()}
+  shown.update(background="beach", view="upside_down", colour_body="red")
+  monkeypatch.setattr(text_judge, "predict", lambda images: [shown] * len(images))
+  image = np.zeros((16, 16, 3), np.uint8)
+  assert (text_judge.recaption(image, "a photo of the toy upside down at night")
+          == "a photo of the toy upside down")
+  assert (text_judge.recaption(image, "a small toy with a blue body on a beach on the left")
+          == "a toy on a beach")
+  assert text_judge.recaption(image, "a toy with a red body") == "a toy with a red body"
+  # Nothing shown: the plain prompt; a plain prompt is kept whatever the image shows.
+  assert text_judge.recaption(image, "an image of the toy in grayscale") == "an image of the toy"
+  assert text_judge.recaption(image, "a photo of a toy") == "a photo of a toy"
+  for prompt in ("a photo of the toy upside down at night", "a toy with a red body"):
+    assert text_judge.score(image, text_judge.recaption(image, prompt)) == 1.0
+
+
 def test_save_load_roundtrip(fast, tmp_path):
   subject_judge, text_judge, _ = fast
   subject_judge.save(str(tmp_path / "subject"))

@@ -299,6 +299,35 @@ def test_score_filter_drops_low_fidelity_targets():
     score_filter.make_scorer("text", "clip")
 
 
+class _BeachOnlyJudge(_PromptJudge):
+  """Sees a beach in every image and nothing else."""
+
+  def recaption(self, image, prompt):
+    return sy.drop_modifiers(prompt, {"background"} if "beach" not in prompt else set())
+
+
+def test_score_filter_recaptions_targets_to_what_they_show():
+  c = _cluster([9] * 4)
+  image = sy.render(sy.make_subject(9), sy.Scene(background="beach"), 16)
+  candidates = [pipeline_interfaces.Candidate(
+      c, pipeline_interfaces.Target("recontextualization", prompt, image), i, "x")
+      for i, prompt in enumerate(["a toy on a beach", "a toy at night", "a small toy in a park"])]
+
+  def build(recaption_targets):
+    def fn(p):
+      cfg = score_filter.ScoreConfig(min_subject_score=-1.0, min_text_score=0.0,
+                                     recaption_targets=recaption_targets)
+      out = p | beam.Create(candidates) | score_filter.ScoreAndFilter(
+          text_scorer=_BeachOnlyJudge(), cfg=cfg)
+      prompts = (["a toy on a beach", "a toy", "a small toy"] if recaption_targets else
+                 ["a toy on a beach", "a toy at night", "a small toy in a park"])
+      assert_that(out | beam.Map(lambda g: g.target_prompt), equal_to(prompts))
+    return fn
+
+  assert _run(build(True))["score_filter/recaptioned"] == 2
+  assert "score_filter/recaptioned" not in _run(build(False))
+
+
 def test_write_is_deterministic_and_creates_every_shard(tmp_path):
   group = records.ICLGroup("g", "s", "stylization", [records.encode_png(np.zeros((8, 8, 3), np.uint8))],
                            ["cap"], records.encode_png(np.ones((8, 8, 3), np.uint8)), "prompt",

@@ -1,6 +1,7 @@
 """Tests of the synthetic subject world: subjects, renderer, prompt grammar, web."""
 
 import collections
+import dataclasses
 import urllib.parse
 
 import numpy as np
@@ -125,6 +126,26 @@ def test_prompt_round_trip_and_skills():
   assert sy.parse_prompt("A photo of the toy WEARING A HAT") == sy.Scene(accessory="hat")
   with pytest.raises(ValueError):
     sy.parse_prompt("a toy on the left on the right")
+
+
+def test_drop_modifiers_removes_exactly_the_named_fields():
+  rng = np.random.default_rng(1)
+  combined = sy.Scene(background="snow", position="top", scale="small", style="sepia",
+                      view="upside_down", recolour=("head", "orange"), accessory="hat")
+  fields = ("background", "position", "scale", "style", "view", "recolour", "accessory")
+  for i in range(200):
+    prompt = sy.write_prompt(sy.make_subject(i), combined, rng,
+                             subject_ref="orange and blue toy" if i % 2 else None)
+    dropped = {f for f in fields if rng.random() < 0.5}
+    expected = dataclasses.replace(combined, **{f: getattr(sy.Scene(), f)
+                                                for f in dropped})
+    assert sy.parse_prompt(sy.drop_modifiers(prompt, dropped)) == expected, prompt
+  # 'with a top hat' stays when the position goes; the article follows the next word.
+  assert (sy.drop_modifiers("a small orange toy with a top hat at the top", {"scale", "position"})
+          == "an orange toy with a top hat")
+  assert sy.drop_modifiers("a photo of the toy on a beach", set()) == "a photo of the toy on a beach"
+  with pytest.raises(ValueError, match="colour"):
+    sy.drop_modifiers("a toy", {"colour"})
 
 
 def test_web_pairs_have_the_stated_mix():

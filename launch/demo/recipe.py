@@ -245,7 +245,8 @@ class Demo:
         num_shards=p.num_shards, seed=self.cfg.seed, prompts_per_cluster=p.prompts_per_cluster,
         subject_scorer=f"judge:{self.path('judges', 'subject')}",
         text_scorer=f"judge:{self.path('judges', 'text')}",
-        min_subject_score=p.min_subject_score, min_text_score=p.min_text_score)
+        min_subject_score=p.min_subject_score, min_text_score=p.min_text_score,
+        recaption_targets=p.recaption_targets and renderer == "expert")
     if renderer == "expert":
       # kwargs of suti_jax.experts.renderer.ExpertTargetRenderer, as the CLI's JSON.
       args.renderer_options = json.dumps(

@@ -198,3 +198,8 @@ class TextScorer(abc.ABC):
   @abc.abstractmethod
   def score(self, image: np.ndarray, prompt: str) -> float:
     """uint8 [H, W, 3] and a prompt -> a score in [0, 1], higher = matches."""
+
+  def recaption(self, image: np.ndarray, prompt: str) -> str:
+    """The prompt restricted to what the image shows; a scorer that can not tell
+    keeps the prompt."""
+    return prompt

@@ -107,6 +107,49 @@ def _article(word: str) -> str:
   return "an" if word[:1] in "aeiou" else "a"
 
 
+_INDEFINITE_RE = re.compile(r"\b(a|an) (\w+)")
+
+
+def drop_modifiers(text: str, fields: set[str]) -> str:
+  """Removes the phrases of `fields` from a prompt of the grammar, keeping the rest.
+
+  E.g. dropping {'background'} from 'a photo of the small toy on a beach' gives
+  'a photo of the small toy'. Phrases are consumed longest first, as `parse_prompt`
+  reads them, so a kept 'with a top hat' is not mistaken for a dropped 'top'.
+
+  Args:
+    text: the prompt.
+    fields: Scene field names ('background', ..., 'recolour') whose phrases go.
+
+  Returns:
+    The prompt without them; `parse_prompt` of it is the prompt's scene with
+    those fields at their defaults.
+
+  Raises:
+    ValueError: an unknown field name.
+  """
+  unknown = set(fields) - set(PHRASES) - {"recolour"}
+  if unknown:
+    raise ValueError(f"drop_modifiers: unknown fields {sorted(unknown)}; known: "
+                     f"{sorted(PHRASES) + ['recolour']}")
+  # Kept phrases are masked by placeholders (so no shorter phrase matches inside
+  # them) and put back once the dropped ones are gone.
+  kept: list[str] = []
+
+  def consume(match: re.Match, field: str) -> str:
+    if field in fields:
+      return ""
+    kept.append(match.group(0))
+    return f"\x00{len(kept) - 1}\x00"
+
+  rest = _RECOLOUR_RE.sub(lambda m: consume(m, "recolour"), text)
+  for pattern, field, _ in _MATCHERS:
+    rest = pattern.sub(lambda m, field=field: consume(m, field), rest)
+  rest = re.sub(r"\x00(\d+)\x00", lambda m: kept[int(m.group(1))], rest)
+  rest = " ".join(rest.split())
+  return _INDEFINITE_RE.sub(lambda m: f"{_article(m.group(2))} {m.group(2)}", rest)
+
+
 def _modifiers(scene: Scene, rng: np.random.Generator) -> list[str]:
   mods = []
   for field in ("view", "accessory", "background", "position", "style"):

@@ -244,6 +244,20 @@ class TextJudge:
       scores.append(np.mean(hits) if hits else 1.0)
     return np.asarray(scores, np.float32)
 
+  def recaption(self, image: np.ndarray, prompt: str) -> str:
+    """`prompt` without the modifiers `image` [H, W, 3] does not show.
+
+    'a photo of the toy upside down on a beach' for a render that is upside down
+    but not on a beach becomes 'a photo of the toy upside down', so the prompt
+    says only what the image shows. A prompt without modifiers is kept.
+    """
+    if synthetic.parse_prompt(prompt) == _DEFAULT_SCENE:
+      return prompt
+    predicted = self.predict(image[None])[0]
+    unshown = {"recolour" if name.startswith("colour_") else name
+               for name, value in prompt_attributes(prompt).items() if predicted[name] != value}
+    return synthetic.drop_modifiers(prompt, unshown) if unshown else prompt
+
   def save(self, path: str) -> None:
     """Writes `config.json` and `params.msgpack` under directory `path`."""
     _save(path, dict(kind="text", judge=dataclasses.asdict(self.config),
