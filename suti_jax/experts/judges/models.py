@@ -251,11 +251,12 @@ class TextJudge:
     but not on a beach becomes 'a photo of the toy upside down', so the prompt
     says only what the image shows. A prompt without modifiers is kept.
     """
-    if synthetic.parse_prompt(prompt) == _DEFAULT_SCENE:
+    scene = synthetic.parse_prompt(prompt)
+    if scene == _DEFAULT_SCENE:
       return prompt
     predicted = self.predict(image[None])[0]
     unshown = {"recolour" if name.startswith("colour_") else name
-               for name, value in prompt_attributes(prompt).items() if predicted[name] != value}
+               for name, value in scene_attributes(scene).items() if predicted[name] != value}
     return synthetic.drop_modifiers(prompt, unshown) if unshown else prompt
 
   def save(self, path: str) -> None:
