@@ -130,15 +130,16 @@ class _ScoreFn(beam.DoFn):
     exemplars = [cluster.members[i] for i in chosen]
     pixels = decode_members(dataclasses.replace(cluster, members=tuple(exemplars)))
     subject = self._subject.score(target.image, pixels)
+    if subject < self._cfg.min_subject_score:
+      counters.count(f"drop/{_LOW_SUBJECT_FIDELITY}")
+      return
     prompt = target.prompt
+    # Only targets that kept the subject are recaptioned (a judge call each).
     if self._cfg.recaption_targets:
       prompt = self._text.recaption(target.image, prompt)
       if prompt != target.prompt:
         counters.count("score_filter/recaptioned")
     text = self._text.score(target.image, prompt)
-    if subject < self._cfg.min_subject_score:
-      counters.count(f"drop/{_LOW_SUBJECT_FIDELITY}")
-      return
     if text < self._cfg.min_text_score:
       counters.count(f"drop/{_LOW_TEXT_FIDELITY}")
       return

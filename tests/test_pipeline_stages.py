@@ -313,19 +313,24 @@ def test_score_filter_recaptions_targets_to_what_they_show():
       c, pipeline_interfaces.Target("recontextualization", prompt, image), i, "x")
       for i, prompt in enumerate(["a toy on a beach", "a toy at night", "a small toy in a park"])]
 
-  def build(recaption_targets):
+  def build(recaption_targets, min_subject_score=-1.0):
     def fn(p):
-      cfg = score_filter.ScoreConfig(min_subject_score=-1.0, min_text_score=0.0,
+      cfg = score_filter.ScoreConfig(min_subject_score=min_subject_score, min_text_score=0.0,
                                      recaption_targets=recaption_targets)
       out = p | beam.Create(candidates) | score_filter.ScoreAndFilter(
           text_scorer=_BeachOnlyJudge(), cfg=cfg)
       prompts = (["a toy on a beach", "a toy", "a small toy"] if recaption_targets else
                  ["a toy on a beach", "a toy at night", "a small toy in a park"])
-      assert_that(out | beam.Map(lambda g: g.target_prompt), equal_to(prompts))
+      assert_that(out | beam.Map(lambda g: g.target_prompt),
+                  equal_to(prompts if min_subject_score < 1.0 else []))
     return fn
 
   assert _run(build(True))["score_filter/recaptioned"] == 2
   assert "score_filter/recaptioned" not in _run(build(False))
+  # Targets the subject filter drops are never recaptioned (a cosine is at most 1).
+  counts = _run(build(True, min_subject_score=1.5))
+  assert counts["drop/low_subject_fidelity"] == 3
+  assert "score_filter/recaptioned" not in counts
 
 
 def test_write_is_deterministic_and_creates_every_shard(tmp_path):
