@@ -1,7 +1,7 @@
 """The embedded-default demo recipe: synthetic web -> cascade -> judges -> ICL groups
 (experts v2, same-cluster v1) -> two SuTI models -> held-out evaluation -> report.
 
-  python -m launch.demo          # `make demo`: 23 min 43 s measured on a fresh clone,
+  python -m launch.demo          # `make demo`: 19-24 min measured on a fresh clone,
                                  # install included, on a 2-core Intel VM (README); the v2
                                  # experts and SuTI v2 are the critical path
   python -m launch.demo --config=configs/demo.py:small   # the end-to-end test size
