@@ -62,6 +62,32 @@ def test_identifier_prompt_replaces_the_subject_phrase():
   assert dreambooth.class_prompt("owl") == "a owl"
 
 
+def test_class_prompts_put_the_class_noun_back():
+  assert dreambooth.class_prompts(["a photo of the sks toy on a beach", "a beach, sks owl"]) == (
+      ["a photo of the toy on a beach", "a beach, owl"], ["a toy", "a owl"])
+  with_prompt, plain = dreambooth.class_prompts(["a zwx cup in the snow"], "zwx")
+  assert (with_prompt, plain) == (["a cup in the snow"], ["a cup"])
+  with pytest.raises(ValueError, match="a red cup"):
+    dreambooth.class_prompts(["a red cup"])
+
+
+def test_base_text_guidance_adds_the_base_models_text_direction(world):
+  common = dict(text_encoder=world["encoder"], unet_cfg=world["unet_cfg"],
+                diffusion_cfg=world["diffusion_cfg"])
+  sampling = config_lib.SamplingConfig(num_steps=2, guidance_scale=2.0)
+  expert = jax.tree.map(lambda x: x * 1.01, world["params"])
+  key = jax.random.PRNGKey(5)
+  prompts = ["a sks toy", "a sks toy on a beach at night"]
+  alone = dreambooth.render(expert, prompts, key, sampling, **common)
+  guided = dreambooth.render(expert, prompts, key, sampling, base_params=world["params"],
+                             base_text_guidance=3.0, **common)
+  # 'a sks toy' in the base's words is the plain class prompt: no direction to add.
+  np.testing.assert_array_equal(guided[0], alone[0])
+  assert np.abs(guided[1].astype(int) - alone[1].astype(int)).mean() > 1.0
+  with pytest.raises(ValueError, match="base_params"):
+    dreambooth.render(expert, prompts, key, sampling, base_text_guidance=3.0, **common)
+
+
 def test_class_images_come_from_the_frozen_model(world):
   for (images, _), d in zip(world["subjects"], world["data"]):
     assert d["class_images"].shape == (_CFG.num_class_images, 16, 16, 3)

@@ -126,7 +126,8 @@ def dreambooth_experts(base: StageModel, eval_set: Sequence[world_lib.EvalSubjec
                                    s.exemplar_captions, s.description) for s in eval_set])
   images = [dreambooth.render(expert, [p.expert_prompt for p in subject.prompts],
                               jax.random.fold_in(key, s), sampling, text_encoder=encoder,
-                              unet_cfg=spec.model, diffusion_cfg=spec.diffusion)
+                              unet_cfg=spec.model, diffusion_cfg=spec.diffusion,
+                              **expert_cfg.render_options(base.params))
             for s, (subject, expert) in enumerate(zip(eval_set, experts))]
   return Generated(np.concatenate(images), (time.time() - start) / len(eval_set))
 

@@ -72,4 +72,5 @@ class DreamBoothMethod(dreambench.GenerationMethod):
         self._expert(subject), [identified] * num_images, jax.random.PRNGKey(seed),
         self.expert_cfg.render_sampling(self.base.sampling_cfg),
         text_encoder=self.base.text_encoder,
-        unet_cfg=self.base.unet_cfg, diffusion_cfg=self.base.diffusion_cfg)
+        unet_cfg=self.base.unet_cfg, diffusion_cfg=self.base.diffusion_cfg,
+        **self.expert_cfg.render_options(self.base.params))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import einops
 import flax.linen as nn
@@ -59,6 +59,9 @@ class ExpertConfig:
       instead of DreamBooth's one 'a sks badge' for all. The caption explains
       the image's context, so the identifier binds to the subject alone and
       the expert follows new contexts (`instance_prompts`).
+    render_base_text_guidance: weight of the base model's text direction in the
+      expert's renders (`render`'s `base_text_guidance`); 0 renders with the
+      expert alone.
   """
 
   num_steps: int = 500
@@ -75,6 +78,7 @@ class ExpertConfig:
   max_instance_images: int = 5
   render_guidance_scale: float | None = None
   instance_captions: bool = False
+  render_base_text_guidance: float = 0.0
 
   @classmethod
   def tiny(cls) -> ExpertConfig:
@@ -92,6 +96,11 @@ class ExpertConfig:
     if self.render_guidance_scale is None:
       return sampling_cfg
     return dataclasses.replace(sampling_cfg, guidance_scale=self.render_guidance_scale)
+
+  def render_options(self, base_params: Params) -> dict[str, Any]:
+    """`render`'s keyword arguments for this recipe's base guidance."""
+    return dict(base_params=base_params, base_text_guidance=self.render_base_text_guidance,
+                identifier=self.identifier)
 
   def instance_prompts(self, class_noun: str, num_images: int,
                        captions: Sequence[str] | None = None,
@@ -170,17 +179,43 @@ def to_float(images: np.ndarray) -> np.ndarray:
   return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
+class _BaseGuide(NamedTuple):
+  """The base model's text direction added to an expert's render.
+
+  Attributes:
+    params: the base UNet's params (unboxed).
+    text_emb / text_mask: [2N, L, D] / [2N, L]: the N prompts with the class noun
+      in place of the identifier, then N plain class prompts.
+    scale: weight of base(prompt) - base(class prompt) in the guided output.
+  """
+
+  params: Params
+  text_emb: jax.Array
+  text_mask: jax.Array
+  scale: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("unet_cfg", "diffusion_cfg", "sampling_cfg"))
-def _sample(params: Params, text_emb: jax.Array, text_mask: jax.Array, key: jax.Array, *,
-            unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig,
-            sampling_cfg: SamplingConfig) -> jax.Array:
+def _sample(params: Params, text_emb: jax.Array, text_mask: jax.Array, key: jax.Array,
+            base_guide: _BaseGuide | None = None, *, unet_cfg: UNetConfig,
+            diffusion_cfg: DiffusionConfig, sampling_cfg: SamplingConfig) -> jax.Array:
   """Samples one image per text [N, L, D]; float [N, H, W, C] in [-1, 1]."""
   model = UNet(unet_cfg)
 
   def predict_fn(x_t, log_snr, text, exemplars):
     del exemplars  # A plain text-to-image model.
     mask = text_mask if text else jnp.zeros_like(text_mask)
-    return model.apply({"params": params}, x_t, log_snr, text_emb, mask)
+    out = model.apply({"params": params}, x_t, log_snr, text_emb, mask)
+    if text and base_guide is not None:
+      # CFG scales the conditional output's difference from the unconditional
+      # one by the guidance scale: the base term is divided by it here, so that
+      # the sample moves by `scale` times the base's text direction.
+      pair = model.apply({"params": base_guide.params}, jnp.concatenate([x_t, x_t]),
+                         jnp.concatenate([log_snr, log_snr]), base_guide.text_emb,
+                         base_guide.text_mask)
+      with_prompt, plain = jnp.split(pair, 2)
+      out = out + base_guide.scale / sampling_cfg.guidance_scale * (with_prompt - plain)
+    return out
 
   size = unet_cfg.image_size
   shape = (text_emb.shape[0], size, size, unet_cfg.out_channels)
@@ -188,9 +223,31 @@ def _sample(params: Params, text_emb: jax.Array, text_mask: jax.Array, key: jax.
                          diffusion_cfg.prediction)
 
 
+def class_prompts(prompts: Sequence[str], identifier: str = "sks") -> tuple[list[str], list[str]]:
+  """Identifier prompts in the base model's words: ('a sks box on a beach', ...) ->
+  (['a box on a beach', ...], ['a box', ...]), the prompt with the identifier
+  dropped and the plain class prompt.
+
+  Raises:
+    ValueError: a prompt without '<identifier> <class noun>', naming it.
+  """
+  pattern = re.compile(rf"\b{re.escape(identifier)} (\S+)")
+  with_prompt, plain = [], []
+  for prompt in prompts:
+    match = pattern.search(prompt)
+    if match is None:
+      raise ValueError(f"expert prompt {prompt!r} does not name the subject as "
+                       f"'{identifier} <class noun>'")
+    with_prompt.append(prompt[:match.start()] + match.group(1) + prompt[match.end():])
+    plain.append(class_prompt(match.group(1).strip(",.")))
+  return with_prompt, plain
+
+
 def render(expert_params: Params, prompts: Sequence[str], key: jax.Array,
            sampling_cfg: SamplingConfig, *, text_encoder: TextEncoder,
-           unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig) -> np.ndarray:
+           unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig,
+           base_params: Params | None = None, base_text_guidance: float = 0.0,
+           identifier: str = "sks") -> np.ndarray:
   """Samples one image per prompt: an expert's subject, or the base model's output.
 
   Args:
@@ -201,6 +258,14 @@ def render(expert_params: Params, prompts: Sequence[str], key: jax.Array,
     text_encoder: the frozen text encoder the UNet was trained with.
     unet_cfg: the UNet's config.
     diffusion_cfg: schedule and prediction type.
+    base_params: the base model the expert was fine-tuned from; with
+      `base_text_guidance` > 0 the guided output gains base_text_guidance x
+      (base(prompt) - base(plain class prompt)), the prompts taken in the base's
+      words (`class_prompts`): the base still follows the prompt's modifiers
+      that a fine-tuned expert drifts away from (composable diffusion, Liu et
+      al. 2022). Costs two base evaluations per conditional one.
+    base_text_guidance: that weight; 0 renders with the expert alone.
+    identifier: the rare token of the prompts (for `class_prompts`).
 
   Returns:
     uint8 [N, H, W, 3].
@@ -210,7 +275,15 @@ def render(expert_params: Params, prompts: Sequence[str], key: jax.Array,
   # per count.
   padded = list(prompts) + [prompts[-1]] * (_bucket(len(prompts)) - len(prompts))
   emb, mask = text_encoder.encode(padded)
-  images = _sample(nn.unbox(expert_params), emb, mask, key, unet_cfg=unet_cfg,
+  base_guide = None
+  if base_text_guidance:
+    if base_params is None:
+      raise ValueError("render: base_text_guidance needs base_params")
+    with_prompt, plain = class_prompts(padded, identifier)
+    base_emb, base_mask = text_encoder.encode(with_prompt + plain)
+    base_guide = _BaseGuide(nn.unbox(base_params), base_emb, base_mask,
+                            jnp.float32(base_text_guidance))
+  images = _sample(nn.unbox(expert_params), emb, mask, key, base_guide, unet_cfg=unet_cfg,
                    diffusion_cfg=diffusion_cfg, sampling_cfg=sampling_cfg)
   return to_uint8(images[:len(prompts)])
 

@@ -165,7 +165,8 @@ class ExpertTargetRenderer(pipeline_interfaces.TargetRenderer):
       rendered = dreambooth.render(
           experts[i], expert_prompts, jax.random.fold_in(jax.random.fold_in(key, 1), i),
           sampling, text_encoder=base.text_encoder,
-          unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg)
+          unet_cfg=base.unet_cfg, diffusion_cfg=base.diffusion_cfg,
+          **cfg.render_options(base.params))
       out.append([pipeline_interfaces.Target(p.skill, p.prompt, image)
                   for p, image in zip(task.prompts, rendered)])
     return out
