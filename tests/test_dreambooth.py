@@ -86,6 +86,9 @@ def test_base_text_guidance_adds_the_base_models_text_direction(world):
   assert np.abs(guided[1].astype(int) - alone[1].astype(int)).mean() > 1.0
   with pytest.raises(ValueError, match="base_params"):
     dreambooth.render(expert, prompts, key, sampling, base_text_guidance=3.0, **common)
+  with pytest.raises(ValueError, match="guidance_scale"):
+    dreambooth.render(expert, prompts, key, dataclasses.replace(sampling, guidance_scale=0.0),
+                      base_params=world["params"], base_text_guidance=3.0, **common)
 
 
 def test_class_images_come_from_the_frozen_model(world):

@@ -279,6 +279,9 @@ def render(expert_params: Params, prompts: Sequence[str], key: jax.Array,
   if base_text_guidance:
     if base_params is None:
       raise ValueError("render: base_text_guidance needs base_params")
+    if sampling_cfg.guidance_scale <= 0:
+      raise ValueError(f"render: base_text_guidance needs a positive guidance_scale, got "
+                       f"{sampling_cfg.guidance_scale}")
     with_prompt, plain = class_prompts(padded, identifier)
     base_emb, base_mask = text_encoder.encode(with_prompt + plain)
     base_guide = _BaseGuide(nn.unbox(base_params), base_emb, base_mask,
