@@ -20,6 +20,10 @@ from suti_jax.data import sources
 
 STATE_VERSION = 1
 KINDS = ("synthetic", "caption_tfrecord", "icl_tfrecord")
+# Epochs one tf.data stream runs before the iterator builds the next. Building a
+# stream (tracing its functions, creating its iterator) cost 0.4 s of CPU for the
+# tiny SuTI config: once per epoch, it was 3% of an epoch of 1,024 groups.
+EPOCHS_PER_STREAM = 64
 
 
 class Tokenizer(Protocol):
@@ -99,6 +103,9 @@ class InputIterator:
   consumed by the batches handed out. Resuming rebuilds the epoch and skips
   `position` raw elements before any parsing or decoding. (tf.data's own
   iterator checkpoints hold the shuffle buffer: large, binary, not JSON.)
+  One tf.data stream runs up to `EPOCHS_PER_STREAM` epochs, each built in-graph
+  from its host-drawn plan (`sources.Pipeline.epoch_plan`), so the next epoch's
+  first batches are prefetched while this one ends.
   """
 
   def __init__(self, pipeline: sources.Pipeline, *, tokenizer: Tokenizer,
@@ -116,6 +123,7 @@ class InputIterator:
     self._epoch = self._position = self._num_skipped = 0
     self._fresh_epoch = True
     self._batches = None
+    self._stream_end = 0  # The first epoch the current stream does not run.
     # A tf.function traces once per iterator, not once per epoch's dataset.
     self._transform = tf.function(self._transform_record)
 
@@ -168,7 +176,7 @@ class InputIterator:
         if self._num_epochs is not None and self._epoch >= self._num_epochs:
           raise StopIteration
         self._fresh_epoch = self._position == 0
-        self._batches = self._epoch_dataset(self._position).as_numpy_iterator()
+        self._batches = self._stream(self._position).as_numpy_iterator()
       try:
         batch = self._to_batch(next(self._batches))
       except tf.errors.OpError as e:
@@ -181,23 +189,44 @@ class InputIterator:
         raise ValueError(
             f"epoch {self._epoch} gave no full batch of {self._batch_size} "
             f"for process {self._identity['process_index']}")
-      self._epoch, self._position, self._batches = self._epoch + 1, 0, None
+      self._epoch, self._position, self._fresh_epoch = self._epoch + 1, 0, True
+      if self._epoch >= self._stream_end:
+        self._batches = None
 
-  def _epoch_dataset(self, start: int) -> tf.data.Dataset:
-    """Batches of epoch `self._epoch` from raw position `start` on.
+  def _stream(self, start: int) -> tf.data.Dataset:
+    """Batches of epochs `self._epoch`.. (up to EPOCHS_PER_STREAM of them, and
+    `num_epochs`), the first from raw position `start` on."""
+    first = self._epoch
+    self._stream_end = first + EPOCHS_PER_STREAM
+    if self._num_epochs is not None:
+      self._stream_end = min(self._stream_end, self._num_epochs)
+    epochs = range(first, self._stream_end)
+    plans = [self._pipeline.epoch_plan(e) for e in epochs]
+    rows = dict(plan={k: np.stack([p[k] for p in plans]) for k in plans[0]},
+                key=np.array([sources.epoch_seed(self._identity["seed"], e) for e in epochs],
+                             np.int64),
+                start=np.array([start] + [0] * (len(plans) - 1), np.int64))
+    ds = tf.data.Dataset.from_tensor_slices(rows).flat_map(
+        lambda row: self._epoch_batches(row["plan"], row["key"], row["start"]))
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+  def _epoch_batches(self, plan: dict[str, tf.Tensor], key: tf.Tensor,
+                     start: tf.Tensor) -> tf.data.Dataset:
+    """In-graph: the batches of one epoch (`plan`, exemplar seed `key`) from raw
+    position `start` on.
 
     The raw stream ends with a marker whose position is the epoch's length,
     so records skipped after the last full batch are counted too; the last,
     partial batch holds the marker and is dropped on the host.
     """
-    key = tf.constant(sources.epoch_seed(self._identity["seed"], self._epoch),
-                      tf.int64)
 
     def zeros(spec):
       return tf.nest.map_structure(
           lambda s: tf.zeros([d or 0 for d in s.shape], s.dtype), spec)
 
-    raw = self._pipeline.raw_epoch(self._epoch)
+    raw = self._pipeline.raw_from_plan(plan)
     ds = raw.map(lambda r: (r, False)).concatenate(
         tf.data.Dataset.from_tensors((zeros(raw.element_spec), True)))
     ds = ds.enumerate()
@@ -215,10 +244,7 @@ class InputIterator:
     if self._skip_corrupt:
       # Dropped records leave gaps in `position`; _to_batch counts them.
       ds = ds.ignore_errors()
-    options = tf.data.Options()
-    options.deterministic = True
-    return ds.batch(self._batch_size).prefetch(
-        tf.data.AUTOTUNE).with_options(options)
+    return ds.batch(self._batch_size)
 
   def _transform_record(self, position: tf.Tensor, raw: dict[str, tf.Tensor],
                         key: tf.Tensor) -> dict[str, tf.Tensor]:

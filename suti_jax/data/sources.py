@@ -112,8 +112,12 @@ class Pipeline:
   """What one source kind plugs into the shared epoch pipeline.
 
   Attributes:
-    raw_epoch: epoch -> this process's raw elements, shuffled; a pure function
+    epoch_plan: epoch -> the epoch's randomness drawn on the host (numpy arrays
+      of one shape for every epoch: file order, shuffle seed); a pure function
       of (seed, epoch), so an epoch can be rebuilt to resume or to explain.
+    raw_from_plan: a plan, as tensors -> this process's raw elements of that
+      epoch, shuffled. Built in-graph, so one tf.data stream can run many epochs
+      (`InputIterator`) without building a pipeline per epoch.
     process: in-graph raw element -> {image, prompt[, exemplar_images,
       exemplar_captions]} with all exemplars present, plus `prompt_emb` [L, D]
       (and `exemplar_caption_embs` [K, L, D]) when the source reads precomputed
@@ -123,10 +127,15 @@ class Pipeline:
     damaged: TFRecord files found damaged so far; None for in-memory sources.
   """
 
-  raw_epoch: Callable[[int], tf.data.Dataset]
+  epoch_plan: Callable[[int], dict[str, np.ndarray]]
+  raw_from_plan: Callable[[dict[str, tf.Tensor]], tf.data.Dataset]
   process: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
   explain: Callable[[dict[str, Any]], None] | None
   damaged: DamagedFiles | None = None
+
+  def raw_epoch(self, epoch: int) -> tf.data.Dataset:
+    """Epoch `epoch`'s raw elements on their own (to cache, resume or explain)."""
+    return self.raw_from_plan(tf.nest.map_structure(tf.constant, self.epoch_plan(epoch)))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -134,7 +143,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _shuffle(ds: tf.data.Dataset, buffer: int, seed: int) -> tf.data.Dataset:
+def _shuffle(ds: tf.data.Dataset, buffer: int, seed: tf.Tensor) -> tf.data.Dataset:
   if buffer <= 1:
     return ds
   return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
@@ -251,16 +260,19 @@ def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
   sizes = np.array([tf.io.gfile.stat(f).length for f in mine], np.int64)
   damaged = DamagedFiles()
 
-  def raw_epoch(epoch: int) -> tf.data.Dataset:
-    order = np.random.default_rng([seed, epoch]).permutation(len(mine))
+  def epoch_plan(epoch: int) -> dict[str, np.ndarray]:
+    return {"order": np.random.default_rng([seed, epoch]).permutation(len(mine)),
+            "seed": np.int64(epoch_seed(seed, epoch))}
+
+  def raw_from_plan(plan: dict[str, tf.Tensor]) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices(
-        ([mine[i] for i in order], sizes[order]))
+        (tf.gather(mine, plan["order"]), tf.gather(sizes, plan["order"])))
     ds = ds.interleave(functools.partial(_read_file, damaged=damaged),
                        cycle_length=min(len(mine), _MAX_PARALLEL_FILES),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if by_record:
       ds = ds.filter(lambda e: e["index"] % process_count == process_index)
-    return _shuffle(ds, shuffle_buffer, epoch_seed(seed, epoch))
+    return _shuffle(ds, shuffle_buffer, plan["seed"])
 
   parse = records.parse_icl_group if icl else records.parse_caption_example
 
@@ -279,7 +291,7 @@ def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
     features.update(records.embedding_features(
         records.ICL_EMBEDDINGS if icl else records.CAPTION_EMBEDDINGS))
   return Pipeline(
-      raw_epoch, lambda raw: _parse_tf(raw, features, image_size, icl, embedding_shape), explain,
+      epoch_plan, raw_from_plan, lambda raw: _parse_tf(raw, features, image_size, icl, embedding_shape), explain,
       damaged)
 
 
@@ -327,9 +339,12 @@ def memory_pipeline(source: Callable[[], Iterable[Any]] | Iterable[Any], *,
       if i % process_count == process_index:
         yield _memory_element(example, icl, i)
 
-  def raw_epoch(epoch: int) -> tf.data.Dataset:
+  def epoch_plan(epoch: int) -> dict[str, np.ndarray]:
+    return {"seed": np.int64(epoch_seed(seed, epoch))}
+
+  def raw_from_plan(plan: dict[str, tf.Tensor]) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    return _shuffle(ds, shuffle_buffer, epoch_seed(seed, epoch))
+    return _shuffle(ds, shuffle_buffer, plan["seed"])
 
   def process(raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     out = dict(raw, image=images.preprocess_tf(raw["image"], image_size))
@@ -338,4 +353,4 @@ def memory_pipeline(source: Callable[[], Iterable[Any]] | Iterable[Any], *,
                                                     image_size)
     return out
 
-  return Pipeline(raw_epoch, process, None)
+  return Pipeline(epoch_plan, raw_from_plan, process, None)
