@@ -151,6 +151,26 @@ def test_resume_continues_exactly(tmp_path):
     _input(pattern, seed=8).set_state(state)
 
 
+def test_streams_of_many_epochs_give_the_batches_of_one_epoch_per_stream(tmp_path,
+                                                                         monkeypatch):
+  """Epochs run in one tf.data stream (EPOCHS_PER_STREAM) give the same batches as
+  epochs built one by one; a stream stops at num_epochs and its last epoch."""
+  _, pattern = _write(tmp_path, num_groups=18)  # 4 full batches + 2 dropped per epoch.
+  runs = {}
+  for per_stream in (1, 3):
+    monkeypatch.setattr(data_input, "EPOCHS_PER_STREAM", per_stream)
+    iterator = _input(pattern, seed=5, num_epochs=5)
+    runs[per_stream] = list(iterator)
+    assert iterator.epoch == 5
+  assert len(runs[1]) == len(runs[3]) == 20
+  for a, b in zip(runs[1], runs[3]):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  epochs = [sorted(_prompts(runs[3][i:i + 4])) for i in range(0, 20, 4)]
+  assert all(len(set(e)) == 16 for e in epochs)  # No batch straddles two epochs.
+  assert _prompts(runs[3][:4]) != _prompts(runs[3][4:8])  # Each epoch its own order.
+
+
 def test_truncated_file_fails_or_is_skipped(tmp_path):
   paths, pattern = _write(tmp_path, num_shards=2)
   with open(paths[1], "rb") as f:
