@@ -203,24 +203,22 @@ class InputIterator:
     epochs = range(first, self._stream_end)
     plans = [self._pipeline.epoch_plan(e) for e in epochs]
     rows = dict(plan={k: np.stack([p[k] for p in plans]) for k in plans[0]},
-                key=np.array([sources.epoch_seed(self._identity["seed"], e) for e in epochs],
-                             np.int64),
                 start=np.array([start] + [0] * (len(plans) - 1), np.int64))
     ds = tf.data.Dataset.from_tensor_slices(rows).flat_map(
-        lambda row: self._epoch_batches(row["plan"], row["key"], row["start"]))
+        lambda row: self._epoch_batches(row["plan"], row["start"]))
     options = tf.data.Options()
     options.deterministic = True
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
-  def _epoch_batches(self, plan: dict[str, tf.Tensor], key: tf.Tensor,
-                     start: tf.Tensor) -> tf.data.Dataset:
-    """In-graph: the batches of one epoch (`plan`, exemplar seed `key`) from raw
-    position `start` on.
+  def _epoch_batches(self, plan: dict[str, tf.Tensor], start: tf.Tensor) -> tf.data.Dataset:
+    """In-graph: the batches of one epoch (`plan`; its seed also draws the
+    exemplar choices) from raw position `start` on.
 
     The raw stream ends with a marker whose position is the epoch's length,
     so records skipped after the last full batch are counted too; the last,
     partial batch holds the marker and is dropped on the host.
     """
+    key = plan["seed"]
 
     def zeros(spec):
       return tf.nest.map_structure(

@@ -113,8 +113,9 @@ class Pipeline:
 
   Attributes:
     epoch_plan: epoch -> the epoch's randomness drawn on the host (numpy arrays
-      of one shape for every epoch: file order, shuffle seed); a pure function
-      of (seed, epoch), so an epoch can be rebuilt to resume or to explain.
+      of one shape for every epoch: file order, and 'seed', the epoch's
+      `epoch_seed`, which shuffles it and draws its exemplar choices); a pure
+      function of (seed, epoch), so an epoch can be rebuilt to resume or to explain.
     raw_from_plan: a plan, as tensors -> this process's raw elements of that
       epoch, shuffled. Built in-graph, so one tf.data stream can run many epochs
       (`InputIterator`) without building a pipeline per epoch.
@@ -291,8 +292,8 @@ def tfrecord_pipeline(pattern: str, *, icl: bool, image_size: int,
     features.update(records.embedding_features(
         records.ICL_EMBEDDINGS if icl else records.CAPTION_EMBEDDINGS))
   return Pipeline(
-      epoch_plan, raw_from_plan, lambda raw: _parse_tf(raw, features, image_size, icl, embedding_shape), explain,
-      damaged)
+      epoch_plan, raw_from_plan,
+      lambda raw: _parse_tf(raw, features, image_size, icl, embedding_shape), explain, damaged)
 
 
 def _memory_element(example: Any, icl: bool, index: int) -> dict[str, Any]:
