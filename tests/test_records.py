@@ -165,6 +165,25 @@ def test_jpeg_and_resize_normalise():
   np.testing.assert_array_equal(white, np.ones((2, 2, 3), np.float32))
 
 
+@pytest.mark.parametrize("shape", [(8, 8, 3), (8, 12, 3), (10, 8, 3)])
+def test_preprocess_at_target_size_only_crops(shape):
+  """An image whose short side is already `size` is centre-cropped and scaled,
+  never resampled: in-graph and PIL agree to the bit (a traced batch to float
+  rounding: grappler turns the division into a product), static shapes kept."""
+  pixels = np.random.default_rng(7).integers(0, 256, shape, np.uint8)
+  h, w = shape[:2]
+  top, left = (h - 8) // 2, (w - 8) // 2
+  expected = pixels[top:top + 8, left:left + 8].astype(np.float32) / 127.5 - 1.0
+  host = images.preprocess_array(pixels, 8)
+  graph = images.preprocess_tf(tf.constant(pixels), 8)
+  batched = tf.function(lambda x: images.preprocess_tf(x, 8))(
+      tf.constant(np.stack([pixels, 255 - pixels])))
+  assert graph.shape == (8, 8, 3) and batched.shape == (2, 8, 8, 3)
+  np.testing.assert_array_equal(host, expected)
+  np.testing.assert_array_equal(graph.numpy(), expected)
+  np.testing.assert_allclose(batched.numpy()[0], expected, rtol=0, atol=1e-6)
+
+
 def test_image_errors_name_field():
   with pytest.raises(images.ImageError, match="field 'exemplar/image'.*JPEG"):
     images.decode_array(b"GIF89a....", field="exemplar/image")

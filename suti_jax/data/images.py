@@ -195,6 +195,21 @@ def _header_size_tf(encoded: tf.Tensor, is_png: tf.Tensor) -> tf.Tensor:
   return tf.cond(is_png, png, jpeg)
 
 
+def _to_rgb_tf(pixels: tf.Tensor) -> tf.Tensor:
+  """uint8 [h, w, 1|2|4] (L, LA, RGBA) -> [h, w, 3], alpha composited over white."""
+  channels = tf.shape(pixels)[-1]
+  has_alpha = tf.equal(channels % 2, 0)  # LA (2) and RGBA (4) end in alpha.
+  color = pixels[..., :channels - tf.cast(has_alpha, tf.int32)]
+  color = tf.cond(tf.equal(tf.shape(color)[-1], 1),
+                  lambda: tf.tile(color, [1, 1, 3]), lambda: color)
+  color = tf.cast(color, tf.float32)
+  alpha = tf.cond(has_alpha,
+                  lambda: tf.cast(pixels[..., -1:], tf.float32) / 255.0,
+                  lambda: tf.ones_like(color[..., :1]))
+  mixed = color * alpha + _BACKGROUND * (1.0 - alpha)
+  return tf.cast(tf.round(mixed), tf.uint8)
+
+
 def decode_tf(encoded: tf.Tensor, field: str = "image", *,
               max_pixels: int = MAX_PIXELS) -> tf.Tensor:
   """In-graph twin of `decode_array`; fails (InvalidArgumentError) on bad data.
@@ -223,17 +238,10 @@ def decode_tf(encoded: tf.Tensor, field: str = "image", *,
        f"exceed the pixel budget of {max_pixels} px"])
   with tf.control_dependencies([budget]):
     pixels = tf.io.decode_image(encoded, channels=0, expand_animations=False)
-  channels = tf.shape(pixels)[-1]
-  has_alpha = tf.equal(channels % 2, 0)  # LA (2) and RGBA (4) end in alpha.
-  color = pixels[..., :channels - tf.cast(has_alpha, tf.int32)]
-  color = tf.cond(tf.equal(tf.shape(color)[-1], 1),
-                  lambda: tf.tile(color, [1, 1, 3]), lambda: color)
-  color = tf.cast(color, tf.float32)
-  alpha = tf.cond(has_alpha,
-                  lambda: tf.cast(pixels[..., -1:], tf.float32) / 255.0,
-                  lambda: tf.ones_like(color[..., :1]))
-  mixed = color * alpha + _BACKGROUND * (1.0 - alpha)
-  rgb = tf.cast(tf.round(mixed), tf.uint8)
+  # RGB images, nearly all of them, skip the conversion: its float arithmetic
+  # cost more than the decode at the small sizes of the SuTI stages.
+  rgb = tf.cond(tf.equal(tf.shape(pixels)[-1], 3), lambda: pixels,
+                lambda: _to_rgb_tf(pixels))
   rgb.set_shape([None, None, 3])
   return rgb
 
@@ -253,6 +261,11 @@ def preprocess_tf(image: tf.Tensor, size: int) -> tf.Tensor:
   side = tf.minimum(h, w)
   square = tf.image.crop_to_bounding_box(image, (h - side) // 2,
                                          (w - side) // 2, side, side)
-  resized = tf.image.resize(square, (size, size), method="bilinear",
-                            antialias=True)
-  return resized / 127.5 - 1.0
+  # Images already at `size` skip the resize (an identity there, as PIL's is):
+  # the antialiased resize was the input's largest CPU cost at 16 px.
+  resized = tf.cond(
+      tf.equal(side, size), lambda: tf.cast(square, tf.float32),
+      lambda: tf.image.resize(square, (size, size), method="bilinear", antialias=True))
+  out = resized / 127.5 - 1.0
+  out.set_shape(image.shape[:-3].concatenate([size, size, 3]))
+  return out
