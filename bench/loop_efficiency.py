@@ -37,7 +37,7 @@ QUESTION = ("What share of the compiled step's examples/s does the training loop
             "(tiny base and SuTI, in-memory cache on and off), and how many images/s does "
             "batched SuTI personalisation draw at 16 and 64 px?")
 # The loop runs this many epochs and logs once per epoch: every rate it reports
-# spans one whole epoch, its pipeline rebuild included.
+# spans one whole epoch, the move into the next one included.
 EPOCHS = 4
 
 
@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            f"of {num_examples:,} examples read from TFRecord shards: the median over epochs "
            f"2-{EPOCHS} (the first holds the compile). The compiled step is timed alone on "
            "the same config just before and just after the loop (median of both). "
-           "data.cache=False is the tf.data path, which rebuilds its pipeline every epoch; "
-           "data.cache=True reads the shards once and batches from memory."]
+           "data.cache=False is the tf.data path (one stream over the epochs, every record "
+           "read and decoded again each epoch); data.cache=True reads the shards once and "
+           "batches from memory."]
   return common.write_report(NAME, QUESTION, [loop_table, sample_table], results,
                              smoke=args.smoke, out_dir=args.out_dir, notes=notes)
 
