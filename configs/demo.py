@@ -208,6 +208,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pipeline = ml_collections.ConfigDict(dict(
       prompts_per_cluster=8 if small else 16, num_shards=2,
       min_subject_score=-1.0 if small else 0.34, min_text_score=0.0, recaption_targets=False,
+      max_groups_per_subject=0,
       render_batch_size=4 if small else 12, render_steps=4 if small else 8,
       v2_parts=2))
   # Every method's held-out renders use one sampler (`eval.sampler`): DDIM at 6

@@ -75,6 +75,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument("--max_exemplars", type=int, default=score_defaults.max_exemplars)
   p.add_argument("--recaption_targets", action="store_true",
                  help="A target's prompt keeps only the modifiers the text scorer sees in it.")
+  p.add_argument("--max_groups_per_subject", type=int,
+                 default=score_defaults.max_groups_per_subject,
+                 help="Keep a subject's N targets that best show their prompts (0: all).")
   p.add_argument("--num_parts", type=int, default=1,
                  help="Split the render batches into this many disjoint parts (every part "
                       "reads, clusters and writes prompts for all clusters).")
@@ -93,7 +96,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
       args.prompts_per_cluster, args.max_caption_similarity, seed=args.seed)
   score_cfg = score_filter.ScoreConfig(
       args.min_subject_score, args.min_text_score, args.max_exemplars,
-      args.recaption_targets)
+      args.recaption_targets, args.max_groups_per_subject)
   # Built first: it checks the renderer and the part before anything is read.
   render = expert_render.RenderTargets(
       args.renderer, json.loads(args.renderer_options), args.seed, args.render_batch_size,

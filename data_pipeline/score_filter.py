@@ -7,6 +7,7 @@ Scorers are pluggable by spec: subject 'embedding' (default) or 'judge:<path>'; 
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 import apache_beam as beam
 import numpy as np
@@ -22,8 +23,9 @@ PIPELINE_VERSION = "data_pipeline/1"
 _NO_EXEMPLARS = "no_exemplars"
 _LOW_SUBJECT_FIDELITY = "low_subject_fidelity"
 _LOW_TEXT_FIDELITY = "low_text_fidelity"
+_OVER_SUBJECT_QUOTA = "over_subject_quota"
 # The drops this stage counts (`drop/<reason>`).
-DROP_REASONS = (_NO_EXEMPLARS, _LOW_SUBJECT_FIDELITY, _LOW_TEXT_FIDELITY)
+DROP_REASONS = (_NO_EXEMPLARS, _LOW_SUBJECT_FIDELITY, _LOW_TEXT_FIDELITY, _OVER_SUBJECT_QUOTA)
 
 
 class EmbeddingSubjectScorer(SubjectScorer):
@@ -101,12 +103,17 @@ class ScoreConfig:
       sees in it (`TextScorer.recaption`), before its text score is taken; counted
       as 'score_filter/recaptioned'. An expert that drifts from the prompt then
       still gives a group whose text says what its target shows.
+    max_groups_per_subject: of one subject's targets that pass both thresholds,
+      keep the N that best show their prompts (text score, then subject score);
+      the rest are 'drop/over_subject_quota'. With experts rendering more
+      prompts than groups wanted, this is best-of-n selection. 0 keeps all.
   """
 
   min_subject_score: float = 0.3
   min_text_score: float = 0.5
   max_exemplars: int = 5
   recaption_targets: bool = False
+  max_groups_per_subject: int = 0
 
 
 class _ScoreFn(beam.DoFn):
@@ -114,7 +121,7 @@ class _ScoreFn(beam.DoFn):
   def __init__(self, subject_scorer, text_scorer, cfg: ScoreConfig):
     self._subject = subject_scorer
     self._text = text_scorer
-    self._cfg = cfg
+    self.cfg = cfg
 
   def setup(self):
     self._subject.setup()
@@ -123,24 +130,24 @@ class _ScoreFn(beam.DoFn):
   def process(self, candidate: Candidate):
     cluster, target = candidate.cluster, candidate.target
     chosen = [i for i in range(len(cluster.members)) if i != target.excluded_member]
-    chosen = chosen[:self._cfg.max_exemplars]
+    chosen = chosen[:self.cfg.max_exemplars]
     if not chosen:
       counters.count(f"drop/{_NO_EXEMPLARS}")
       return
     exemplars = [cluster.members[i] for i in chosen]
     pixels = decode_members(dataclasses.replace(cluster, members=tuple(exemplars)))
     subject = self._subject.score(target.image, pixels)
-    if subject < self._cfg.min_subject_score:
+    if subject < self.cfg.min_subject_score:
       counters.count(f"drop/{_LOW_SUBJECT_FIDELITY}")
       return
     prompt = target.prompt
     # Only targets that kept the subject are recaptioned (a judge call each).
-    if self._cfg.recaption_targets:
+    if self.cfg.recaption_targets:
       prompt = self._text.recaption(target.image, prompt)
       if prompt != target.prompt:
         counters.count("score_filter/recaptioned")
     text = self._text.score(target.image, prompt)
-    if text < self._cfg.min_text_score:
+    if text < self.cfg.min_text_score:
       counters.count(f"drop/{_LOW_TEXT_FIDELITY}")
       return
     counters.count("score_filter/groups")
@@ -167,4 +174,21 @@ class ScoreAndFilter(beam.PTransform):
                         text_scorer or ConstantTextScorer(), cfg)
 
   def expand(self, candidates):
-    return candidates | "Score" >> beam.ParDo(self._fn)
+    groups = candidates | "Score" >> beam.ParDo(self._fn)
+    quota = self._fn.cfg.max_groups_per_subject
+    if quota <= 0:
+      return groups
+    return (groups
+            | "BySubject" >> beam.Map(lambda g: (g.subject_id, g))
+            | "GroupBySubject" >> beam.GroupByKey()
+            | "KeepBest" >> beam.FlatMap(lambda item: best_groups(item[1], quota)))
+
+
+def best_groups(groups: Iterable[records.ICLGroup], quota: int) -> list[records.ICLGroup]:
+  """The `quota` groups of one subject that best show their prompts: highest text
+  score, then subject score (group id breaks ties, so the choice is deterministic);
+  counts the others as 'drop/over_subject_quota'."""
+  ranked = sorted(groups, key=lambda g: (-g.score_text, -g.score_subject, g.group_id))
+  if len(ranked) > quota:
+    counters.count(f"drop/{_OVER_SUBJECT_QUOTA}", len(ranked) - quota)
+  return ranked[:quota]

@@ -299,6 +299,36 @@ def test_score_filter_drops_low_fidelity_targets():
     score_filter.make_scorer("text", "clip")
 
 
+def test_score_filter_keeps_each_subjects_best_shown_prompts():
+  """max_groups_per_subject keeps, per subject, the targets that best show their
+  prompts (ties go to the higher subject score); the others are counted."""
+  a, b = _cluster([9] * 4, key="shop.example.com/p/a"), _cluster([7] * 4, key="shop.example.com/p/b")
+  on_subject = {key: sy.render(sy.make_subject(seed), sy.Scene(), 16)
+                for key, seed in ((a.key, 9), (b.key, 7))}
+  off_subject = sy.render(sy.make_subject(9), sy.Scene(style="inverted"), 16)
+  targets = [(a, "toy at night", on_subject[a.key]), (a, "toy on a beach", off_subject),
+             (a, "toy in a park", off_subject), (a, "toy on a beach", on_subject[a.key]),
+             (b, "toy at night", on_subject[b.key])]
+  candidates = [pipeline_interfaces.Candidate(c, pipeline_interfaces.Target(
+      "recontextualization", prompt, image), i, "x") for i, (c, prompt, image) in enumerate(targets)]
+
+  def build(quota):
+    def fn(p):
+      cfg = score_filter.ScoreConfig(min_subject_score=-1.0, min_text_score=0.0,
+                                     max_groups_per_subject=quota)
+      out = p | beam.Create(candidates) | score_filter.ScoreAndFilter(
+          text_scorer=_PromptJudge(), cfg=cfg)
+      kept = {0: ["000", "001", "002", "003", "004"], 2: ["001", "003", "004"],
+              1: ["003", "004"]}[quota]
+      assert_that(out | beam.Map(lambda g: g.group_id[-3:]), equal_to(kept))
+    return fn
+
+  assert "drop/over_subject_quota" not in _run(build(0))
+  assert _run(build(2))["drop/over_subject_quota"] == 2
+  # Both beach targets show their prompt; the one that shows the subject wins.
+  assert _run(build(1))["drop/over_subject_quota"] == 3
+
+
 class _BeachOnlyJudge(_PromptJudge):
   """Sees a beach in every image and nothing else."""
 

@@ -246,7 +246,8 @@ class Demo:
         subject_scorer=f"judge:{self.path('judges', 'subject')}",
         text_scorer=f"judge:{self.path('judges', 'text')}",
         min_subject_score=p.min_subject_score, min_text_score=p.min_text_score,
-        recaption_targets=p.recaption_targets and renderer == "expert")
+        recaption_targets=p.recaption_targets and renderer == "expert",
+        max_groups_per_subject=p.max_groups_per_subject if renderer == "expert" else 0)
     if renderer == "expert":
       # kwargs of suti_jax.experts.renderer.ExpertTargetRenderer, as the CLI's JSON.
       args.renderer_options = json.dumps(
