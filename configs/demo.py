@@ -205,6 +205,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (subject fidelity / same-subject rate / text fidelity) against 0.562 / 0.767 / 0.144
   # on the prompts as written (report subjects: 0.457 / 0.675 / 0.128 vs 0.568 / 0.758 /
   # 0.061): text gained less than the subject lost.
+  # `max_groups_per_subject` stays 0 (keep every passing target). Best-of-n instead, 48
+  # prompts per cluster with each subject's 16 best-shown targets kept, gave 1950 groups
+  # of which 402 show a prompt attribute (1263 and 142 as written), at 560 s instead of
+  # 424 s per v2 part; SuTI v2 on the validation subjects scored 0.557 / 0.742 / 0.149
+  # against 0.577 / 0.783 / 0.133: text again gained about what the subject lost.
+  # In `:full` (6018 groups instead of 4045, parts 1459 / 1403 s instead of 1382 / 1289 s) SuTI
+  # v2 scored 0.681 / 0.833 / 0.058 on the report's subjects against 0.644 / 0.825 / 0.058.
   c.pipeline = ml_collections.ConfigDict(dict(
       prompts_per_cluster=8 if small else 16, num_shards=2,
       min_subject_score=-1.0 if small else 0.34, min_text_score=0.0, recaption_targets=False,
