@@ -121,7 +121,7 @@ class _ScoreFn(beam.DoFn):
   def __init__(self, subject_scorer, text_scorer, cfg: ScoreConfig):
     self._subject = subject_scorer
     self._text = text_scorer
-    self.cfg = cfg
+    self._cfg = cfg
 
   def setup(self):
     self._subject.setup()
@@ -130,24 +130,24 @@ class _ScoreFn(beam.DoFn):
   def process(self, candidate: Candidate):
     cluster, target = candidate.cluster, candidate.target
     chosen = [i for i in range(len(cluster.members)) if i != target.excluded_member]
-    chosen = chosen[:self.cfg.max_exemplars]
+    chosen = chosen[:self._cfg.max_exemplars]
     if not chosen:
       counters.count(f"drop/{_NO_EXEMPLARS}")
       return
     exemplars = [cluster.members[i] for i in chosen]
     pixels = decode_members(dataclasses.replace(cluster, members=tuple(exemplars)))
     subject = self._subject.score(target.image, pixels)
-    if subject < self.cfg.min_subject_score:
+    if subject < self._cfg.min_subject_score:
       counters.count(f"drop/{_LOW_SUBJECT_FIDELITY}")
       return
     prompt = target.prompt
     # Only targets that kept the subject are recaptioned (a judge call each).
-    if self.cfg.recaption_targets:
+    if self._cfg.recaption_targets:
       prompt = self._text.recaption(target.image, prompt)
       if prompt != target.prompt:
         counters.count("score_filter/recaptioned")
     text = self._text.score(target.image, prompt)
-    if text < self.cfg.min_text_score:
+    if text < self._cfg.min_text_score:
       counters.count(f"drop/{_LOW_TEXT_FIDELITY}")
       return
     counters.count("score_filter/groups")
@@ -165,23 +165,24 @@ class _ScoreFn(beam.DoFn):
 
 
 class ScoreAndFilter(beam.PTransform):
-  """PCollection[Candidate] -> PCollection[records.ICLGroup] that pass both filters."""
+  """PCollection[Candidate] -> PCollection[records.ICLGroup] that pass both filters
+  (and, with a quota, are among their subject's best-shown)."""
 
   def __init__(self, subject_scorer=None, text_scorer=None, cfg: ScoreConfig = ScoreConfig()):
-    """Args: scorers default to the embedding / constant ones; cfg: thresholds, K."""
+    """Args: scorers default to the embedding / constant ones; cfg: thresholds, K, quota."""
     super().__init__()
     self._fn = _ScoreFn(subject_scorer or EmbeddingSubjectScorer(),
                         text_scorer or ConstantTextScorer(), cfg)
+    self._quota = cfg.max_groups_per_subject
 
   def expand(self, candidates):
     groups = candidates | "Score" >> beam.ParDo(self._fn)
-    quota = self._fn.cfg.max_groups_per_subject
-    if quota <= 0:
+    if self._quota <= 0:
       return groups
     return (groups
             | "BySubject" >> beam.Map(lambda g: (g.subject_id, g))
             | "GroupBySubject" >> beam.GroupByKey()
-            | "KeepBest" >> beam.FlatMap(lambda item: best_groups(item[1], quota)))
+            | "KeepBest" >> beam.FlatMap(lambda item: best_groups(item[1], self._quota)))
 
 
 def best_groups(groups: Iterable[records.ICLGroup], quota: int) -> list[records.ICLGroup]:
